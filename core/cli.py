@@ -1,0 +1,233 @@
+"""python -m core {train,list,compare}: the engine headless, for GPU servers and scripts."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import time
+
+from core.callbacks import BatchProgress, EpochRecord, TrainingCallback
+from core.compare import comparison_table, default_comparison_runs, format_table
+from core.config import MODEL_NAMES, PRECISIONS, PRESETS, DataSpec, TrainConfig
+from core.datasets import FORMATS, DatasetError, prepare_data
+from core.runs import RunStore, default_runs_dir, RunStoreError
+from core.synthetic import CONFOUNDER_KINDS
+from core.training import run_training
+
+EXIT_BAD_INPUT = 2
+EXIT_RUN_FAILED = 1
+
+# Flags that map one-to-one onto TrainConfig fields; None means "keep the preset's value".
+HYPERPARAMETER_FLAGS = (
+    ("--epochs", "epochs", int, "training epochs"),
+    ("--batch-size", "batch_size", int, "images per batch"),
+    ("--lr", "lr", float, "AdamW learning rate"),
+    ("--weight-decay", "weight_decay", float, "AdamW weight decay"),
+    ("--dropout", "dropout", float, "dropout in the Hybrid S-ResNet head"),
+    ("--label-smoothing", "label_smoothing", float, "cross-entropy label smoothing"),
+    ("--image-size", "image_size", int, "square input size in pixels (default: 224; 96 on the synthetic set)"),
+    ("--split", "split", str, "train:test ratio such as 80:20, 70:30 or 60:40"),
+    ("--val-fraction", "val_fraction", float, "share of the train part held out for model selection"),
+    ("--seed", "seed", int, "seed of the split, the initialisation and the sampling"),
+    ("--max-images", "max_images", int, "train on a stratified subset of this many images"),
+    ("--threshold", "threshold", float, "decision threshold on P(malignant) for the metrics"),
+    ("--weights-file", "weights_file", str, "local weights (.pt state_dict) instead of a download"),
+)
+SWITCH_FLAGS = (
+    ("--no-augment", "augment", "no flip/rotation/colour-jitter augmentation"),
+    ("--no-weighted-sampler", "weighted_sampler", "plain shuffling instead of class-balanced sampling"),
+    ("--no-scheduler", "scheduler", "constant learning rate instead of cosine annealing"),
+    ("--no-pretrained", "pretrained", "random initialisation instead of ImageNet weights"),
+)
+
+
+class ProgressBar(TrainingCallback):
+    """A tqdm bar per run and one line per epoch, on stderr."""
+
+    def __init__(self) -> None:
+        self.bar = None
+
+    def on_run_start(self, run: dict) -> None:
+        print(f"run {run['run_id']}: {run['model']} on {run['dataset']['name']} "
+              f"({run['config']['image_size']} px, weights: {run['weights']}, "
+              f"{run['environment']['precision']} on {run['environment']['device_name']})", file=sys.stderr)
+
+    def on_batch_end(self, progress: BatchProgress) -> None:
+        from tqdm import tqdm
+
+        total = progress.epochs * progress.batches
+        if self.bar is None or self.bar.total != total:
+            self._close()
+            # No bar in logs (CI, nohup): the per-epoch lines say enough there.
+            self.bar = tqdm(total=total, desc=progress.model, unit="batch", leave=False, dynamic_ncols=True,
+                            disable=not sys.stderr.isatty())
+        self.bar.n = (progress.epoch - 1) * progress.batches + progress.batch
+        self.bar.set_postfix_str(f"epoch {progress.epoch}/{progress.epochs} loss {progress.loss:.3f} "
+                                 f"{progress.images_per_second:.0f} img/s", refresh=True)
+
+    def on_epoch_end(self, record: EpochRecord) -> None:
+        line = (f"  epoch {record.epoch}: train loss {record.train_loss:.4f} acc {record.train_acc:.3f} | "
+                f"val loss {record.val_loss:.4f} acc {record.val_acc:.3f} AUC {record.val_auc:.3f} | "
+                f"{record.seconds:.1f} s")
+        (self.bar.write if self.bar else print)(line, file=sys.stderr)
+
+    def on_run_end(self, run: dict) -> None:
+        self._close()
+        test = (run.get("metrics") or {}).get("test") or {}
+        summary = f"test AUC {test['auc']:.4f} acc {test['accuracy']:.4f}" if test.get("auc") is not None else ""
+        problem = run.get("error") or run.get("message") or ""
+        print(f"  -> {run['status']} in {run.get('seconds', 0):.0f} s {summary} {problem}".rstrip(), file=sys.stderr)
+
+    def on_warning(self, message: str) -> None:
+        print(f"warning: {message}", file=sys.stderr)
+
+    def _close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m core", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    train = commands.add_parser("train", help="train one model or all five",
+                                description="Train with the paper's recipe; every piece can be changed.")
+    train.add_argument("--model", default="hybrid_sresnet", choices=[*MODEL_NAMES, "all"])
+    train.add_argument("--data", default="synthetic", help="'synthetic' or a dataset path")
+    train.add_argument("--format", default="auto", choices=["auto", *FORMATS], help="dataset format")
+    train.add_argument("--preset", default="quick", choices=sorted(PRESETS),
+                       help="starting values: quick (fast demo) or paper (224 px, the paper's optimum)")
+    for flag, _, kind, text in HYPERPARAMETER_FLAGS:
+        train.add_argument(flag, type=kind, default=None, help=text)
+    for flag, _, text in SWITCH_FLAGS:
+        train.add_argument(flag, action="store_true", help=text)
+    train.add_argument("--precision", choices=PRECISIONS, default=None, help="auto times the options per model")
+    train.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default=None)
+    train.add_argument("--label-map", nargs="+", default=[], metavar="NAME=0|1",
+                       help="map folder names, dx codes or label values to 0 (benign) / 1 (malignant)")
+    train.add_argument("--images-dir", help="image folder of a CSV/HAM10000 dataset (default: detected)")
+    train.add_argument("--masks-dir", help="lesion masks (<image_id>_segmentation.png)")
+    train.add_argument("--label-column", help="CSV label column (default: detected)")
+    train.add_argument("--image-column", help="CSV image-id or path column (default: detected)")
+    train.add_argument("--synthetic-count", type=int, default=None, help="images in the synthetic set")
+    train.add_argument("--synthetic-image-size", type=int, default=None, help="size the synthetic set is drawn at")
+    train.add_argument("--confounder-fraction", type=float, default=None,
+                       help="share of malignant synthetic images given a shortcut artifact")
+    train.add_argument("--confounder-kind", choices=CONFOUNDER_KINDS, default=None)
+    train.add_argument("--runs-dir", default=str(default_runs_dir()), help="run store (default: checkpoints/)")
+
+    listing = commands.add_parser("list", help="list the stored runs", description="One line per run, newest first.")
+    listing.add_argument("--runs-dir", default=str(default_runs_dir()))
+
+    compare = commands.add_parser("compare", help="compare runs (the paper's Tables 1 and 2)",
+                                  description="Train/test accuracy, precision, recall, F1, AUC, specificity, "
+                                              "kappa and G-mean; default: the newest completed run of each model.")
+    compare.add_argument("--runs", nargs="+", metavar="RUN_ID", help="run ids to compare")
+    compare.add_argument("--format", choices=["table", "csv", "latex"], default="table")
+    compare.add_argument("--runs-dir", default=str(default_runs_dir()))
+    return parser
+
+
+def config_from_args(args: argparse.Namespace, model: str) -> TrainConfig:
+    values = {field: getattr(args, field) for _, field, _, _ in HYPERPARAMETER_FLAGS
+              if getattr(args, field) is not None}
+    values.update({field: False for flag, field, _ in SWITCH_FLAGS if getattr(args, field_name(flag))})
+    for name in ("precision", "device"):
+        if getattr(args, name) is not None:
+            values[name] = getattr(args, name)
+    return dataclasses.replace(PRESETS[args.preset], model=model, **values)
+
+
+def field_name(flag: str) -> str:
+    return flag.lstrip("-").replace("-", "_")
+
+
+def data_spec_from_args(args: argparse.Namespace) -> DataSpec:
+    label_map = {}
+    for item in args.label_map:
+        name, _, value = item.partition("=")
+        if value not in ("0", "1"):
+            raise ValueError(f"--label-map wants NAME=0 or NAME=1, got {item!r}")
+        label_map[name] = int(value)
+    values = {"source": args.data, "format": args.format, "label_map": label_map, "images_dir": args.images_dir,
+              "masks_dir": args.masks_dir, "label_column": args.label_column, "image_column": args.image_column}
+    for option in ("synthetic_count", "synthetic_image_size", "confounder_fraction", "confounder_kind"):
+        if getattr(args, option) is not None:
+            values[option] = getattr(args, option)
+    if args.data == "synthetic":
+        values["format"] = "synthetic"
+    return DataSpec(**values)
+
+
+def command_train(args: argparse.Namespace) -> int:
+    models = list(MODEL_NAMES) if args.model == "all" else [args.model]
+    configs = [config_from_args(args, model) for model in models]
+    spec = data_spec_from_args(args)
+    store = RunStore(args.runs_dir)
+    started = time.perf_counter()
+    print(f"preparing {'the synthetic set' if spec.is_synthetic else spec.source} ...", file=sys.stderr)
+    data = prepare_data(spec, configs[0], store.cache_dir)
+    for image_id, reason in data.skipped[:5]:
+        print(f"warning: skipped {image_id}: {reason}", file=sys.stderr)
+    if data.skipped:
+        print(f"warning: skipped {len(data.skipped)} unreadable or missing image(s) of "
+              f"{len(data.skipped) + len(data.table)}", file=sys.stderr)
+    counts = data.class_counts()
+    print("split: " + ", ".join(f"{split} {c['benign']} benign / {c['malignant']} malignant"
+                                for split, c in counts.items()) + f" ({time.perf_counter() - started:.1f} s)",
+          file=sys.stderr)
+    statuses = []
+    for config in configs:
+        run = run_training(config, data, store, ProgressBar())
+        statuses.append(run["status"])
+        print(run["run_id"])
+    print(f"{len(configs)} run(s) in {time.perf_counter() - started:.0f} s: "
+          + ", ".join(f"{m} {s}" for m, s in zip(models, statuses)), file=sys.stderr)
+    return 0 if all(status == "completed" for status in statuses) else EXIT_RUN_FAILED
+
+
+def command_list(args: argparse.Namespace) -> int:
+    runs = RunStore(args.runs_dir).list_runs()
+    if not runs:
+        print(f"no runs in {args.runs_dir}", file=sys.stderr)
+        return 0
+    for run in runs:
+        test = (run.get("metrics") or {}).get("test") or {}
+        auc = f"{test['auc']:.4f}" if test.get("auc") is not None else "--"
+        accuracy = f"{test['accuracy']:.4f}" if test.get("accuracy") is not None else "--"
+        config, dataset = run.get("config", {}), run.get("dataset", {})
+        print(f"{run['run_id']:<44} {run['model']:<16} {run['status']:<9} test AUC {auc} acc {accuracy} "
+              f"{dataset.get('name', '?')} {config.get('image_size', '?')}px {config.get('epochs', '?')} ep "
+              f"{run.get('weights', '?')}")
+    return 0
+
+
+def command_compare(args: argparse.Namespace) -> int:
+    store = RunStore(args.runs_dir)
+    if args.runs:
+        runs = [store.load(run_id) for run_id in args.runs]
+        missing = [run_id for run_id, run in zip(args.runs, runs) if run is None]
+        if missing:
+            raise ValueError(f"no run(s) {', '.join(missing)} in {args.runs_dir}")
+    else:
+        runs = default_comparison_runs(store.list_runs())
+    if not runs:
+        print(f"no completed runs in {args.runs_dir}; train some with `python -m core train`", file=sys.stderr)
+        return 0
+    print(format_table(comparison_table(runs), args.format))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    commands = {"train": command_train, "list": command_list, "compare": command_compare}
+    try:
+        return commands[args.command](args)
+    except (DatasetError, RunStoreError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("interrupted; the current run is stored as stopped", file=sys.stderr)
+        return 130

@@ -1,0 +1,161 @@
+"""The one configuration of a training run, and the dataset it runs on.
+
+`TrainConfig` is what the CLI parses into, what the Train page fills in and what is saved in run.json.
+Its defaults are the fast demo ("quick" preset); `PAPER_PRESET` holds the paper's values.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+MODEL_NAMES = ("resnet18", "resnet50", "densenet121", "efficientnet_b0", "hybrid_sresnet")
+PRECISIONS = ("auto", "fp32", "bf16")
+DEVICES = ("auto", "cpu", "cuda", "mps")
+
+# The paper's image size; real datasets train at this size unless told otherwise.
+PAPER_IMAGE_SIZE = 224
+# The demo's size: small enough that all five models train on a 2-core CPU in minutes.
+SYNTHETIC_TRAIN_SIZE = 96
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """Which dataset to load: the built-in synthetic set or a local path, and how to read it."""
+
+    source: str = "synthetic"  # "synthetic" or a local path
+    format: str = "auto"  # auto, synthetic, imagefolder, ham10000, csv
+    # Label mapping for folder names / HAM10000 dx codes / CSV label values, e.g. {"mel": 1, "nv": 0}.
+    # Empty means the built-in mapping of the format.
+    label_map: dict[str, int] = field(default_factory=dict)
+    label_column: str | None = None  # csv: None means detect (melanoma, label, target, ...)
+    image_column: str | None = None  # csv: None means detect (image_id, image, path, ...)
+    images_dir: str | None = None  # csv/ham10000: None means detect next to the CSV
+    masks_dir: str | None = None  # optional lesion masks (ISIC ..._segmentation.png)
+    # Options of the synthetic set.
+    synthetic_count: int = 1000
+    synthetic_image_size: int = 128
+    synthetic_seed: int = 0
+    synthetic_malignant_fraction: float = 0.35
+    confounder_fraction: float = 0.0  # share of malignant images given a shortcut artifact
+    confounder_kind: str = "ink"  # ink or ruler
+
+    @property
+    def is_synthetic(self) -> bool:
+        return self.source == "synthetic" or self.format == "synthetic"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Every hyperparameter of one training run. Defaults are the quick demo on the paper's recipe."""
+
+    model: str = "hybrid_sresnet"
+    epochs: int = 5
+    batch_size: int = 32
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    dropout: float = 0.379  # Hybrid S-ResNet head only (the paper's Optuna optimum)
+    label_smoothing: float = 0.1
+    image_size: int | None = None  # None: 224 for real data, SYNTHETIC_TRAIN_SIZE for the demo
+    split: str = "80:20"  # train:test
+    val_fraction: float = 0.15  # share of the train part held out for model selection
+    seed: int = 42
+    max_images: int | None = None  # stratified subset, for quick looks at big datasets
+    augment: bool = True
+    weighted_sampler: bool = True
+    scheduler: bool = True  # cosine annealing over all epochs
+    pretrained: bool = True  # ImageNet weights through torchvision's weights API
+    weights_file: str | None = None  # local weights instead of a download (air-gapped sites)
+    precision: str = "auto"  # auto times fp32 vs bf16+channels_last per model and device
+    device: str = "auto"
+    threshold: float = 0.5  # decision threshold for P(malignant)
+
+    def __post_init__(self) -> None:
+        problems = validate_config(self)
+        if problems:
+            raise ValueError("; ".join(problems))
+
+    @property
+    def test_fraction(self) -> float:
+        return parse_split(self.split)
+
+    def resolved(self, data: DataSpec) -> TrainConfig:
+        """The config with every automatic choice that depends on the dataset filled in."""
+        if self.image_size is not None:
+            return self
+        size = SYNTHETIC_TRAIN_SIZE if data.is_synthetic else PAPER_IMAGE_SIZE
+        return dataclasses.replace(self, image_size=size)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in known})
+
+
+def parse_split(split: str) -> float:
+    """'80:20' -> 0.2, the test fraction. Raises ValueError on anything else."""
+    try:
+        train_part, test_part = (float(x) for x in str(split).split(":"))
+    except ValueError:
+        raise ValueError(f"split must look like 80:20, got {split!r}") from None
+    if train_part <= 0 or test_part <= 0:
+        raise ValueError(f"split must have two positive parts, got {split!r}")
+    return test_part / (train_part + test_part)
+
+
+def validate_config(config: TrainConfig) -> list[str]:
+    problems = []
+    if config.model not in MODEL_NAMES:
+        problems.append(f"unknown model {config.model!r} (choose from {', '.join(MODEL_NAMES)})")
+    if config.epochs < 1:
+        problems.append("epochs must be at least 1")
+    if config.batch_size < 2:
+        problems.append("batch size must be at least 2 (batch norm needs two images)")
+    if not config.lr > 0:
+        problems.append("learning rate must be positive")
+    if config.weight_decay < 0:
+        problems.append("weight decay must be zero or positive")
+    if not 0 <= config.dropout < 1:
+        problems.append("dropout must be in [0, 1)")
+    if not 0 <= config.label_smoothing < 1:
+        problems.append("label smoothing must be in [0, 1)")
+    if config.image_size is not None and not 16 <= config.image_size <= 1024:
+        problems.append("image size must be between 16 and 1024 pixels")
+    if not 0 < config.val_fraction < 1:
+        problems.append("validation fraction must be in (0, 1)")
+    if config.max_images is not None and config.max_images < 8:
+        problems.append("max images must be at least 8")
+    if config.precision not in PRECISIONS:
+        problems.append(f"precision must be one of {', '.join(PRECISIONS)}")
+    if config.device not in DEVICES:
+        problems.append(f"device must be one of {', '.join(DEVICES)}")
+    if not 0 < config.threshold < 1:
+        problems.append("threshold must be in (0, 1)")
+    try:
+        parse_split(config.split)
+    except ValueError as error:
+        problems.append(str(error))
+    return problems
+
+
+QUICK_PRESET = TrainConfig()
+
+# The paper's values: 224 px, ImageNet weights, and the Optuna optimum (lr, weight decay, dropout).
+PAPER_PRESET = TrainConfig(
+    epochs=25,
+    batch_size=32,
+    lr=2.52e-4,
+    weight_decay=1.99e-6,
+    dropout=0.379,
+    label_smoothing=0.1,
+    image_size=PAPER_IMAGE_SIZE,
+)
+
+PRESETS = {"quick": QUICK_PRESET, "paper": PAPER_PRESET}

@@ -1,0 +1,209 @@
+"""The one model registry: name -> builder, Grad-CAM target layer, display name, ImageNet weights.
+
+Nothing else in the project builds models. ImageNet weights come through torchvision's weights API
+and its cache (torch.hub); without a network they fall back to random initialisation with one
+warning, and the run records which weights it started from.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from torchvision import models as tv
+
+NUM_CLASSES = 2
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    display_name: str
+    build: Callable[[float], nn.Module]  # dropout -> a randomly initialised two-class model
+    target_layer: Callable[[nn.Module], nn.Module]  # the layer Grad-CAM hooks
+    imagenet_weights: tv.WeightsEnum
+    load_imagenet: Callable[[nn.Module, dict], None]  # puts an ImageNet state_dict into the model
+
+
+MODEL_REGISTRY: dict[str, ModelSpec] = {}
+
+
+def register_model(spec: ModelSpec) -> ModelSpec:
+    MODEL_REGISTRY[spec.name] = spec
+    return spec
+
+
+def get_model_spec(name: str) -> ModelSpec:
+    try:
+        return MODEL_REGISTRY[name]
+    except KeyError:
+        raise ValueError(f"unknown model {name!r} (choose from {', '.join(MODEL_REGISTRY)})") from None
+
+
+class HybridSResNet(nn.Module):
+    """The paper's network: ResNet18 without its fc, global average pooling, then
+    Linear 512->128, ReLU, Dropout(p), Linear 128->2."""
+
+    def __init__(self, dropout: float = 0.379) -> None:
+        super().__init__()
+        self.backbone = tv.resnet18(weights=None)
+        self.backbone.fc = nn.Identity()  # the backbone ends in ResNet's own global average pooling
+        self.head = nn.Sequential(
+            nn.Linear(512, 128), nn.ReLU(inplace=True), nn.Dropout(dropout), nn.Linear(128, NUM_CLASSES)
+        )
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone(images))
+
+
+class DenseNet121(tv.DenseNet):
+    """torchvision's DenseNet121 with its final ReLU as a separate, non-in-place module.
+
+    torchvision applies `F.relu(features, inplace=True)` inside forward, which overwrites the
+    activations a Grad-CAM hook on `features` stores (and differently on CPU and GPU). A module of
+    its own gives Grad-CAM a clean target layer; the state_dict keys are unchanged.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(growth_rate=32, block_config=(6, 12, 24, 16), num_init_features=64)
+        self.final_relu = nn.ReLU(inplace=False)
+        self.classifier = nn.Linear(self.classifier.in_features, NUM_CLASSES)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        features = self.final_relu(self.features(images))
+        pooled = torch.flatten(nn.functional.adaptive_avg_pool2d(features, 1), 1)
+        return self.classifier(pooled)
+
+
+def _build_resnet(constructor: Callable[..., nn.Module]) -> Callable[[float], nn.Module]:
+    def build(dropout: float) -> nn.Module:
+        model = constructor(weights=None)
+        model.fc = nn.Linear(model.fc.in_features, NUM_CLASSES)
+        return model
+
+    return build
+
+
+def _build_efficientnet_b0(dropout: float) -> nn.Module:
+    model = tv.efficientnet_b0(weights=None)  # keeps its own classifier dropout (0.2)
+    model.classifier[-1] = nn.Linear(model.classifier[-1].in_features, NUM_CLASSES)
+    return model
+
+
+def _load_without(prefixes: tuple[str, ...], rename: Callable[[str], str] = lambda key: key):
+    """A loader that drops the ImageNet classifier (1000 classes) and keeps everything else."""
+
+    def load(model: nn.Module, state_dict: dict) -> None:
+        kept = {rename(k): v for k, v in state_dict.items() if not k.startswith(prefixes)}
+        missing, unexpected = model.load_state_dict(kept, strict=False)
+        if unexpected or any(not key.startswith(tuple(rename(p) for p in prefixes) + ("head.",)) for key in missing):
+            raise RuntimeError(f"ImageNet weights do not fit: missing {missing}, unexpected {unexpected}")
+
+    return load
+
+
+def _densenet_key(key: str) -> str:
+    # Old torchvision DenseNet checkpoints name layers 'norm.1'; the module now calls them 'norm1'.
+    for old, new in ((".norm.1", ".norm1"), (".relu.1", ".relu1"), (".conv.1", ".conv1"),
+                     (".norm.2", ".norm2"), (".relu.2", ".relu2"), (".conv.2", ".conv2")):
+        key = key.replace(old, new)
+    return key
+
+
+register_model(ModelSpec(
+    "resnet18", "ResNet18", _build_resnet(tv.resnet18), lambda m: m.layer4[-1],
+    tv.ResNet18_Weights.IMAGENET1K_V1, _load_without(("fc.",)),
+))
+register_model(ModelSpec(
+    "resnet50", "ResNet50", _build_resnet(tv.resnet50), lambda m: m.layer4[-1],
+    tv.ResNet50_Weights.IMAGENET1K_V2, _load_without(("fc.",)),
+))
+register_model(ModelSpec(
+    "densenet121", "DenseNet121", lambda dropout: DenseNet121(), lambda m: m.final_relu,
+    tv.DenseNet121_Weights.IMAGENET1K_V1, _load_without(("classifier.",), _densenet_key),
+))
+register_model(ModelSpec(
+    "efficientnet_b0", "EfficientNetB0", _build_efficientnet_b0, lambda m: m.features[-1],
+    tv.EfficientNet_B0_Weights.IMAGENET1K_V1, _load_without(("classifier.",)),
+))
+register_model(ModelSpec(
+    "hybrid_sresnet", "Hybrid S-ResNet", HybridSResNet, lambda m: m.backbone.layer4[-1],
+    tv.ResNet18_Weights.IMAGENET1K_V1, _load_without(("fc.",), lambda key: f"backbone.{key}"),
+))
+
+
+# Once a download has failed in this process, later models do not try the network again.
+_network_failed = False
+
+
+def fetch_imagenet_state_dict(spec: ModelSpec) -> tuple[dict | None, str]:
+    """ImageNet weights from torchvision's cache or a download, else (None, why not)."""
+    global _network_failed
+    weights = spec.imagenet_weights
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
+    if cached.exists():
+        try:
+            return torch.load(cached, map_location="cpu", weights_only=True), ""
+        except Exception as error:  # noqa: BLE001 - a truncated or foreign file in the cache
+            return None, f"the cached file {cached} is unreadable ({type(error).__name__})"
+    if _network_failed:
+        return None, "they could not be downloaded (offline?)"
+    try:
+        return weights.get_state_dict(progress=False), ""
+    except Exception:  # noqa: BLE001 - no network, proxy refusal, a broken partial download ...
+        _network_failed = True
+        return None, "they could not be downloaded (offline?)"
+
+
+def build_model(
+    name: str,
+    dropout: float = 0.379,
+    pretrained: bool = True,
+    weights_file: str | Path | None = None,
+    warn: Callable[[str], None] | None = None,
+) -> tuple[nn.Module, str]:
+    """A two-class model and the weights it starts from: 'imagenet', 'random' or the file's name.
+
+    `weights_file` is a local state_dict (an ImageNet checkpoint, or a model.pt of an earlier run).
+    """
+    spec = get_model_spec(name)
+    model = spec.build(dropout)
+    if weights_file:
+        load_weights_file(model, spec, weights_file)
+        return model, Path(weights_file).name
+    if not pretrained:
+        return model, "random"
+    state_dict, problem = fetch_imagenet_state_dict(spec)
+    if state_dict is None:
+        message = (f"ImageNet weights for {spec.display_name}: {problem}; training from random "
+                   "initialisation. Give --weights-file to use a local copy.")
+        (warn or (lambda text: warnings.warn(text, stacklevel=2)))(message)
+        return model, "random"
+    spec.load_imagenet(model, state_dict)
+    return model, "imagenet"
+
+
+def load_weights_file(model: nn.Module, spec: ModelSpec, path: str | Path) -> None:
+    """A local weights file: a full two-class state_dict, or ImageNet weights for the backbone.
+    Loaded with weights_only=True: a file that would run code is refused."""
+    try:
+        state_dict = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise ValueError(f"weights file not found: {path}") from None
+    except Exception as error:  # noqa: BLE001 - pickles with code, truncated files, non-torch files
+        raise ValueError(f"weights file {path} is not a plain PyTorch state_dict: {error}") from None
+    if isinstance(state_dict, dict) and "state_dict" in state_dict:
+        state_dict = state_dict["state_dict"]
+    if not isinstance(state_dict, dict):
+        raise ValueError(f"weights file {path} does not hold a state_dict")
+    try:
+        model.load_state_dict(state_dict)
+    except RuntimeError:
+        try:
+            spec.load_imagenet(model, state_dict)
+        except RuntimeError:
+            raise ValueError(f"weights file {path} does not fit {spec.display_name}") from None

@@ -1,0 +1,171 @@
+"""The run store: one folder per run under checkpoints/, written atomically.
+
+    checkpoints/<run_id>/run.json         config, dataset, weights, status, history, metrics, environment
+    checkpoints/<run_id>/model.pt         the best epoch's state_dict (torch.load(..., weights_only=True))
+    checkpoints/<run_id>/predictions.csv  image_id, split, label, prob_malignant (validation and test)
+    checkpoints/<run_id>/split.csv        image_id, label, split of every image the run used
+
+Every file is written to a temporary name and renamed into place, so a crash never leaves a
+half-written file under its real name. A run whose process died while 'running' is shown as failed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import secrets
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+
+STATUSES = ("running", "completed", "stopped", "diverged", "failed")
+FINISHED_STATUSES = ("completed", "stopped", "diverged", "failed")
+
+
+def default_runs_dir() -> Path:
+    """checkpoints/, or the folder named by the SKIN_RUNS_DIR environment variable."""
+    return Path(os.environ.get("SKIN_RUNS_DIR", "checkpoints"))
+
+
+class RunStoreError(OSError):
+    """The run store cannot be read or written (missing, read-only or full folder)."""
+
+
+def _json_safe(value: Any) -> Any:
+    """NaN and infinity become null: run.json stays valid JSON for every reader."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if hasattr(value, "item") and callable(value.item):  # numpy and torch scalars
+        return _json_safe(value.item())
+    return value
+
+
+def write_atomically(path: Path, write) -> None:
+    """Call write(temporary_path), flush it to disk, then rename it over `path`."""
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(3)}.tmp")
+    try:
+        write(temporary)
+        with open(temporary, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    except OSError as error:
+        temporary.unlink(missing_ok=True)
+        raise RunStoreError(f"cannot write {path}: {error.strerror or error}") from error
+
+
+def write_json(path: Path, content: dict) -> None:
+    text = json.dumps(_json_safe(content), indent=2, allow_nan=False)
+    write_atomically(path, lambda temporary: temporary.write_text(text))
+
+
+def new_run_id(model: str) -> str:
+    return f"{time.strftime('%Y%m%d-%H%M%S')}-{model}-{secrets.token_hex(2)}"
+
+
+@dataclass
+class RunFolder:
+    """Writes one run's files; the training engine holds one while it trains."""
+
+    path: Path
+    record: dict
+
+    @property
+    def run_id(self) -> str:
+        return self.record["run_id"]
+
+    def update(self, **fields: Any) -> dict:
+        self.record.update(fields)
+        self.record["updated_at"] = time.time()
+        write_json(self.path / "run.json", self.record)
+        return self.record
+
+    def save_model(self, state_dict: dict) -> None:
+        cpu_state = {k: v.detach().to("cpu") for k, v in state_dict.items()}
+        write_atomically(self.path / "model.pt", lambda temporary: torch.save(cpu_state, temporary))
+
+    def save_table(self, name: str, table: pd.DataFrame) -> None:
+        write_atomically(self.path / name, lambda temporary: table.to_csv(temporary, index=False))
+
+
+class RunStore:
+    """All runs under one folder (checkpoints/ by default)."""
+
+    def __init__(self, root: str | Path | None = None) -> None:
+        self.root = Path(root) if root is not None else default_runs_dir()
+
+    @property
+    def cache_dir(self) -> Path:
+        """Decoded-image and synthetic-set caches live beside the runs, in a hidden folder."""
+        return self.root / ".cache"
+
+    def create(self, model: str, record: dict) -> RunFolder:
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            run_id = new_run_id(model)
+            path = self.root / run_id
+            path.mkdir()
+        except OSError as error:
+            raise RunStoreError(f"cannot create a run folder in {self.root}: {error.strerror or error}") from error
+        folder = RunFolder(path, {"run_id": run_id, "model": model, "status": "running", "pid": os.getpid(),
+                                  "created_at": time.time(), **record})
+        folder.update()
+        return folder
+
+    def list_runs(self) -> list[dict]:
+        """Every run with a readable run.json, newest first."""
+        if not self.root.is_dir():
+            return []
+        runs = []
+        for path in self.root.iterdir():
+            if path.name.startswith(".") or not path.is_dir():
+                continue
+            run = self.load(path.name)
+            if run is not None:
+                runs.append(run)
+        return sorted(runs, key=lambda run: run.get("created_at", 0), reverse=True)
+
+    def load(self, run_id: str) -> dict | None:
+        """run.json of one run, or None when it has none (yet) or it is unreadable."""
+        path = self.root / run_id / "run.json"
+        try:
+            run = json.loads(path.read_text())
+        except (OSError, ValueError):
+            return None
+        if run.get("status") == "running" and not _process_alive(run.get("pid")):
+            run["status"] = "failed"
+            run["error"] = run.get("error") or "the training process ended without finishing this run"
+        return run
+
+    def model_path(self, run_id: str) -> Path:
+        return self.root / run_id / "model.pt"
+
+    def predictions(self, run_id: str) -> pd.DataFrame:
+        return pd.read_csv(self.root / run_id / "predictions.csv")
+
+    def delete(self, run_id: str) -> None:
+        path = self.root / run_id
+        if not (path / "run.json").exists() and not path.is_dir():
+            raise KeyError(f"no run {run_id}")
+        shutil.rmtree(path)
+
+
+def _process_alive(pid: Any) -> bool:
+    if not isinstance(pid, int):
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -1,0 +1,67 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+from core.cli import main
+
+TINY_FLAGS = ["--data", "synthetic", "--synthetic-count", "40", "--synthetic-image-size", "32", "--image-size", "32",
+              "--epochs", "1", "--batch-size", "8", "--no-pretrained", "--precision", "fp32", "--split", "70:30"]
+
+
+def test_train_list_and_compare_end_to_end(tmp_path, capsys):
+    runs_dir = str(tmp_path / "runs")
+    assert main(["train", "--model", "resnet18", *TINY_FLAGS, "--runs-dir", runs_dir, "--lr", "0.002",
+                 "--no-augment"]) == 0
+    assert main(["train", "--model", "hybrid_sresnet", *TINY_FLAGS, "--runs-dir", runs_dir, "--dropout", "0.2"]) == 0
+    out = capsys.readouterr().out.split()
+    run_ids = [line for line in out if "-resnet18-" in line or "-hybrid_sresnet-" in line]
+    assert len(run_ids) == 2
+    run = json.loads((tmp_path / "runs" / run_ids[0] / "run.json").read_text())
+    assert run["config"]["lr"] == 0.002 and run["config"]["augment"] is False and run["status"] == "completed"
+    assert json.loads((tmp_path / "runs" / run_ids[1] / "run.json").read_text())["config"]["dropout"] == 0.2
+
+    assert main(["list", "--runs-dir", runs_dir]) == 0
+    listing = capsys.readouterr().out.strip().splitlines()
+    assert len(listing) == 2 and "completed" in listing[0]
+
+    assert main(["compare", "--runs-dir", runs_dir]) == 0
+    table = capsys.readouterr().out
+    assert "Hybrid S-ResNet" in table and "ResNet18" in table and "G-mean" in table and "Train acc" in table
+    assert main(["compare", "--runs-dir", runs_dir, "--format", "csv"]) == 0
+    assert capsys.readouterr().out.startswith("Model,Run,Train acc,Test acc,Precision,Recall,F1,AUC")
+    assert main(["compare", "--runs-dir", runs_dir, "--format", "latex", "--runs", run_ids[0]]) == 0
+    assert "\\begin{tabular}" in capsys.readouterr().out
+
+
+def test_paper_preset(tmp_path):
+    assert main(["train", "--preset", "paper", *TINY_FLAGS, "--runs-dir", str(tmp_path)]) == 0
+    run = json.loads(next(tmp_path.glob("*/run.json")).read_text())
+    assert run["config"]["lr"] == 2.52e-4 and run["config"]["weight_decay"] == 1.99e-6
+    assert run["config"]["image_size"] == 32, "an explicit flag wins over the preset"
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (["train", "--data", "/no/such/folder"], "dataset path not found"),
+    (["train", "--data", "synthetic", "--lr", "-1"], "learning rate must be positive"),
+    (["train", "--data", "synthetic", "--split", "80-20"], "split must look like 80:20"),
+    (["train", "--data", "synthetic", "--label-map", "mel=2"], "NAME=0 or NAME=1"),
+    (["compare", "--runs", "nope"], "no run(s) nope"),
+])
+def test_bad_input_gives_one_line_and_exit_code_2(tmp_path, capsys, arguments, message):
+    assert main([*arguments, "--runs-dir", str(tmp_path)]) == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert error[-1].startswith("error: ") and message in error[-1]
+
+
+def test_empty_store(tmp_path, capsys):
+    assert main(["list", "--runs-dir", str(tmp_path)]) == 0
+    assert main(["compare", "--runs-dir", str(tmp_path)]) == 0
+    assert "no runs" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", [[], ["train"], ["list"], ["compare"]])
+def test_help(command):
+    finished = subprocess.run([sys.executable, "-m", "core", *command, "--help"], capture_output=True, text=True)
+    assert finished.returncode == 0 and "usage: python -m core" in finished.stdout

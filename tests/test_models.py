@@ -1,0 +1,102 @@
+import pickle
+
+import pytest
+import torch
+from torch import nn
+from torchvision import models as tv
+
+import core.models
+from core.models import MODEL_REGISTRY, HybridSResNet, build_model, get_model_spec
+
+
+@pytest.mark.parametrize("name", list(MODEL_REGISTRY))
+def test_every_model_gives_two_logits_and_a_grad_cam_layer(name):
+    model, weights = build_model(name, pretrained=False)
+    assert weights == "random"
+    model.eval()
+    with torch.no_grad():
+        assert model(torch.randn(2, 3, 64, 64)).shape == (2, 2)
+    target = get_model_spec(name).target_layer(model)
+    assert any(module is target for module in model.modules())
+    assert get_model_spec(name).display_name
+
+
+def test_hybrid_sresnet_is_the_papers_architecture():
+    model = HybridSResNet(dropout=0.3)
+    assert isinstance(model.backbone, tv.ResNet) and isinstance(model.backbone.fc, nn.Identity)
+    layers = list(model.head)
+    assert [type(layer) for layer in layers] == [nn.Linear, nn.ReLU, nn.Dropout, nn.Linear]
+    assert (layers[0].in_features, layers[0].out_features, layers[3].out_features) == (512, 128, 2)
+    assert layers[2].p == 0.3
+
+
+def test_densenet_target_layer_is_a_separate_non_inplace_relu():
+    model, _ = build_model("densenet121", pretrained=False)
+    target = get_model_spec("densenet121").target_layer(model)
+    assert isinstance(target, nn.ReLU) and not target.inplace
+
+
+def test_offline_falls_back_to_random_with_one_warning(monkeypatch):
+    monkeypatch.setattr(core.models, "_network_failed", False)
+
+    def no_network(*args, **kwargs):
+        raise OSError("Name or service not known")
+
+    monkeypatch.setattr(tv.ResNet18_Weights.IMAGENET1K_V1.__class__, "get_state_dict", no_network)
+    warnings = []
+    model, weights = build_model("resnet18", pretrained=True, warn=warnings.append)
+    assert weights == "random" and len(warnings) == 1 and "random initialisation" in warnings[0]
+    assert core.models._network_failed, "later models do not try the network again"
+
+
+@pytest.mark.parametrize("name", ["resnet18", "hybrid_sresnet", "densenet121", "efficientnet_b0"])
+def test_imagenet_weights_come_from_torchvisions_cache(name):
+    spec = get_model_spec(name)
+    constructors = {"resnet18": tv.resnet18, "hybrid_sresnet": tv.resnet18, "densenet121": tv.densenet121,
+                    "efficientnet_b0": tv.efficientnet_b0}
+    imagenet_model = constructors[name](weights=None)  # 1000 classes, as the real checkpoint
+    state = imagenet_model.state_dict()
+    if name == "densenet121":  # the real file uses torchvision's old key names
+        state = {k.replace("norm1", "norm.1").replace("conv1", "conv.1"): v for k, v in state.items()}
+    cache = torch.hub.get_dir() + "/checkpoints"
+    import os
+
+    os.makedirs(cache, exist_ok=True)
+    torch.save(state, os.path.join(cache, spec.imagenet_weights.url.rsplit("/", 1)[1]))
+    model, weights = build_model(name, pretrained=True)
+    assert weights == "imagenet"
+    first_conv = next(p for p in imagenet_model.parameters())
+    assert torch.equal(next(p for p in model.parameters()), first_conv)
+
+
+def test_local_weights_file_and_refusal_of_code(tmp_path):
+    trained, _ = build_model("resnet18", pretrained=False)
+    path = tmp_path / "model.pt"
+    torch.save(trained.state_dict(), path)
+    model, weights = build_model("resnet18", weights_file=path)
+    assert weights == "model.pt"
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), trained.state_dict().values()))
+
+    class Exploit:
+        def __reduce__(self):
+            return (print, ("this would run code",))
+
+    crafted = tmp_path / "crafted.pt"
+    crafted.write_bytes(pickle.dumps({"weight": Exploit()}))
+    with pytest.raises(ValueError, match="not a plain PyTorch state_dict"):
+        build_model("resnet18", weights_file=crafted)
+    with pytest.raises(ValueError, match="not found"):
+        build_model("resnet18", weights_file=tmp_path / "missing.pt")
+
+
+def test_damaged_cached_weights_fall_back_with_a_warning():
+    import os
+
+    spec = get_model_spec("resnet18")
+    cache = torch.hub.get_dir() + "/checkpoints"
+    os.makedirs(cache, exist_ok=True)
+    with open(os.path.join(cache, spec.imagenet_weights.url.rsplit("/", 1)[1]), "wb") as handle:
+        handle.write(b"truncated download")
+    warnings = []
+    _, weights = build_model("resnet18", pretrained=True, warn=warnings.append)
+    assert weights == "random" and "unreadable" in warnings[0]
