@@ -11,7 +11,7 @@ from core.callbacks import BatchProgress, EpochRecord, TrainingCallback
 from core.compare import comparison_table, default_comparison_runs, format_table
 from core.config import MODEL_NAMES, PRECISIONS, PRESETS, DataSpec, TrainConfig
 from core.datasets import FORMATS, DatasetError, prepare_data
-from core.runs import RunStore, default_runs_dir, RunStoreError
+from core.runs import RunStore, RunStoreError, default_runs_dir
 from core.synthetic import CONFOUNDER_KINDS
 from core.training import run_training
 
