@@ -179,8 +179,9 @@ def build_model(
         return model, "random"
     state_dict, problem = fetch_imagenet_state_dict(spec)
     if state_dict is None:
-        message = (f"ImageNet weights for {spec.display_name}: {problem}; training from random "
-                   "initialisation. Give --weights-file to use a local copy.")
+        # No model name: the dashboard shows one warning for a queue of runs that all lack weights.
+        message = (f"ImageNet weights: {problem}; training from random initialisation. "
+                   "A local weights file (--weights-file) can be used instead.")
         (warn or (lambda text: warnings.warn(text, stacklevel=2)))(message)
         return model, "random"
     spec.load_imagenet(model, state_dict)

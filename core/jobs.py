@@ -1,0 +1,203 @@
+"""Training runs in the background: a queue worked through by one thread, observed by snapshots.
+
+The dashboard holds one `JobQueue` per process (shared by every browser tab), submits runs to it and
+polls `snapshot()`; nothing here knows about the UI. A stop request ends the current run cleanly
+after its current batch; one run failing never stops the runs queued behind it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import threading
+import time
+import traceback
+from collections import deque
+from dataclasses import dataclass, field
+
+from core.callbacks import BatchProgress, EpochRecord, TrainingCallback
+from core.config import DataSpec, TrainConfig
+from core.datasets import PreparedData, prepare_data
+from core.runs import RunStore
+from core.training import run_training
+
+ACTIVE_STATES = ("queued", "preparing", "running")
+
+_queues: dict[str, JobQueue] = {}
+_queues_lock = threading.Lock()
+
+
+@dataclass
+class Job:
+    """One queued or finished training run, as the UI sees it."""
+
+    job_id: int
+    config: TrainConfig
+    data: DataSpec
+    state: str = "queued"  # queued, preparing, running, then the run's status (completed, stopped, ...)
+    run_id: str | None = None
+    progress: BatchProgress | None = None
+    history: list[dict] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    error: str | None = None
+    submitted_at: float = field(default_factory=time.time)
+    finished_at: float | None = None
+
+    @property
+    def active(self) -> bool:
+        return self.state in ACTIVE_STATES
+
+
+@dataclass(frozen=True)
+class QueueSnapshot:
+    """A consistent copy of the queue at one moment; safe to read from any thread."""
+
+    jobs: tuple[Job, ...]
+    warnings: tuple[str, ...]
+
+    @property
+    def current(self) -> Job | None:
+        return next((job for job in self.jobs if job.state in ("preparing", "running")), None)
+
+    @property
+    def queued(self) -> tuple[Job, ...]:
+        return tuple(job for job in self.jobs if job.state == "queued")
+
+    @property
+    def busy(self) -> bool:
+        return any(job.active for job in self.jobs)
+
+
+class _JobCallback(TrainingCallback):
+    """Copies the engine's progress into the job, under the queue's lock."""
+
+    def __init__(self, queue: JobQueue, job: Job) -> None:
+        self.queue, self.job = queue, job
+
+    def on_run_start(self, run: dict) -> None:
+        with self.queue._lock:
+            self.job.run_id, self.job.state = run["run_id"], "running"
+
+    def on_batch_end(self, progress: BatchProgress) -> None:
+        with self.queue._lock:
+            self.job.progress = progress
+
+    def on_epoch_end(self, record: EpochRecord) -> None:
+        with self.queue._lock:
+            self.job.history = [*self.job.history, dataclasses.asdict(record)]
+
+    def on_warning(self, message: str) -> None:
+        self.queue._warn(self.job, message)
+
+
+class JobQueue:
+    """Runs submitted training jobs one after another on a background thread."""
+
+    def __init__(self, store: RunStore, keep_finished: int = 50) -> None:
+        self.store = store
+        self.keep_finished = keep_finished
+        self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
+        self._jobs: deque[Job] = deque()
+        self._warnings: list[str] = []
+        self._ids = itertools.count(1)
+        self._stop_current = threading.Event()
+        self._prepared: tuple[tuple, PreparedData] | None = None  # the last dataset, reused by the next job
+        self._worker = threading.Thread(target=self._work, name="training-queue", daemon=True)
+        self._worker.start()
+
+    def submit(self, configs: list[TrainConfig], data: DataSpec) -> list[int]:
+        """Queue one run per config on the same data; returns the job ids."""
+        with self._lock:
+            jobs = [Job(next(self._ids), config, data) for config in configs]
+            self._jobs.extend(jobs)
+            self._trim()
+            self._wake.notify()
+            return [job.job_id for job in jobs]
+
+    def stop_current(self) -> None:
+        """End the running job cleanly after its current batch (status 'stopped', best checkpoint kept)."""
+        self._stop_current.set()
+
+    def clear_queue(self) -> int:
+        """Drop every job not started yet; returns how many were dropped."""
+        with self._lock:
+            queued = [job for job in self._jobs if job.state == "queued"]
+            for job in queued:
+                job.state, job.finished_at = "cancelled", time.time()
+            return len(queued)
+
+    def snapshot(self) -> QueueSnapshot:
+        with self._lock:
+            jobs = tuple(dataclasses.replace(job, history=list(job.history), warnings=list(job.warnings))
+                         for job in self._jobs)
+            return QueueSnapshot(jobs, tuple(self._warnings))
+
+    def wait_until_idle(self, timeout: float | None = None) -> bool:
+        """Block until no job is queued or running (for scripts and tests)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.snapshot().busy:
+            if deadline is not None and time.monotonic() > deadline:
+                return False
+            time.sleep(0.05)
+        return True
+
+    def _warn(self, job: Job, message: str) -> None:
+        with self._lock:
+            job.warnings.append(message)
+            if message not in self._warnings:  # the same warning is told once, not once per run
+                self._warnings.append(message)
+
+    def _trim(self) -> None:
+        finished = [job for job in self._jobs if not job.active]
+        for job in finished[: max(0, len(finished) - self.keep_finished)]:
+            self._jobs.remove(job)
+
+    def _next_job(self) -> Job:
+        with self._lock:
+            while True:
+                job = next((job for job in self._jobs if job.state == "queued"), None)
+                if job is not None:
+                    job.state = "preparing"
+                    self._stop_current.clear()
+                    return job
+                self._wake.wait()
+
+    def _work(self) -> None:
+        while True:
+            job = self._next_job()
+            try:
+                state, error = self._run(job)
+            except Exception as failure:  # noqa: BLE001 - the worker must outlive any one job
+                state, error = "failed", f"{type(failure).__name__}: {failure}"
+                traceback.print_exc()
+            with self._lock:
+                job.state, job.error, job.finished_at = state, error, time.time()
+
+    def _run(self, job: Job) -> tuple[str, str | None]:
+        data = self._prepare(job)
+        if self._stop_current.is_set():
+            return "stopped", "stopped before training started"
+        run = run_training(job.config, data, self.store, _JobCallback(self, job), self._stop_current)
+        return run["status"], run.get("error")
+
+    def _prepare(self, job: Job) -> PreparedData:
+        """The job's dataset, reusing the previous job's when data and split settings are the same."""
+        config = job.config.resolved(job.data)
+        key = (job.data, config.image_size, config.split, config.val_fraction, config.seed, config.max_images)
+        if self._prepared is not None and self._prepared[0] == key:
+            return self._prepared[1]
+        self._prepared = None  # free the old arrays before decoding new ones
+        data = prepare_data(job.data, config, self.store.cache_dir)
+        self._prepared = (key, data)
+        return data
+
+
+def shared_queue(store: RunStore) -> JobQueue:
+    """The process-wide queue of a run store. Kept here rather than in a UI cache, so that clearing
+    the dashboard's caches can never start a second worker training at the same time."""
+    key = str(store.root.resolve())
+    with _queues_lock:
+        if key not in _queues:
+            _queues[key] = JobQueue(store)
+        return _queues[key]

@@ -1,0 +1,111 @@
+"""What the pages share: session-state keys (named once, here), persistent widgets, the job queue,
+the chosen dataset and the config built from the widgets."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import streamlit as st
+
+from core.config import PRESETS, DataSpec, TrainConfig
+from core.datasets import PreparedData, prepare_data
+from core.jobs import JobQueue, shared_queue
+from core.runs import RunStore, default_runs_dir
+
+# Session-state keys.
+ENTRYPOINT_RAN = "app.entrypoint_ran"  # set by streamlit_app.py on every run
+DATA_SPEC = "data.spec"  # the DataSpec last loaded without error on the Data page
+LIVE_FIGURE = "train.live_figure"  # (run id and epochs drawn, figure) of the live curves
+PENDING_DELETE = "train.pending_delete"  # run id awaiting the user's confirmation
+SEEN_FINISHED = "train.seen_finished"  # finished job count the run table was last drawn for
+VALUE_PREFIX, WIDGET_PREFIX = "value.", "widget."
+
+SPLIT_RATIOS = ["80:20", "70:30", "60:40"]  # the paper's train:test ratios
+
+# Train page values that come from a preset, and where they live in TrainConfig.
+PRESET_FIELDS = ("epochs", "batch_size", "lr", "weight_decay", "dropout", "label_smoothing", "image_size",
+                 "augment", "weighted_sampler", "scheduler", "pretrained")
+
+
+def require_entrypoint() -> None:
+    """Run the page only behind streamlit_app.py.
+
+    On a freshly started server whose first visitor opens a page's URL directly, Streamlit runs the
+    file alone in its legacy pages/ mode (no st.navigation, no page config). Going through the entry
+    point once switches the whole server to st.navigation.
+    """
+    if not st.session_state.get(ENTRYPOINT_RAN):
+        st.switch_page("streamlit_app.py")
+
+
+def persistent(widget, label: str, name: str, default, **options):
+    """A widget whose value survives page switches: Streamlit forgets the state of widgets that are
+    not drawn, so the value is kept under its own key and copied back into the widget on each run."""
+    value_key, widget_key = VALUE_PREFIX + name, WIDGET_PREFIX + name
+    if value_key not in st.session_state:
+        st.session_state[value_key] = default
+    st.session_state[widget_key] = st.session_state[value_key]
+
+    def remember() -> None:
+        st.session_state[value_key] = st.session_state[widget_key]
+
+    return widget(label, key=widget_key, on_change=remember, **options)
+
+
+def stored(name: str, default=None):
+    return st.session_state.get(VALUE_PREFIX + name, default)
+
+
+def apply_preset(name: str) -> None:
+    """Put a preset's values into the Train page's widgets."""
+    preset = PRESETS[name]
+    for field in PRESET_FIELDS:
+        st.session_state[VALUE_PREFIX + field] = getattr(preset, field)
+    st.session_state[VALUE_PREFIX + "image_size"] = preset.image_size or "auto"
+
+
+def current_data_spec() -> DataSpec:
+    return st.session_state.get(DATA_SPEC) or DataSpec()
+
+
+def current_config(model: str = "hybrid_sresnet") -> TrainConfig:
+    """The TrainConfig the widgets describe (the quick preset where a widget was never drawn)."""
+    base = PRESETS["quick"]
+    values = {field.name: stored(field.name, getattr(base, field.name)) for field in dataclasses.fields(TrainConfig)
+              if field.name != "model"}
+    values["max_images"] = values.get("max_images") or None  # the widget's 0 means all images
+    values["weights_file"] = (values.get("weights_file") or "").strip() or None
+    values["image_size"] = None if values.get("image_size") in (None, "auto") else int(values["image_size"])
+    return TrainConfig(model=model, **values)
+
+
+def shared_job_queue() -> JobQueue:
+    """One queue per process and run store, shared by every session and tab."""
+    return shared_queue(run_store())
+
+
+def run_store() -> RunStore:
+    return RunStore(default_runs_dir())
+
+
+@st.cache_resource(max_entries=2, show_spinner="Preparing the dataset (decoded once, then cached on disk) ...")
+def load_prepared(spec: DataSpec, image_size: int, split: str, val_fraction: float, seed: int,
+                  max_images: int | None, cache_dir: str) -> PreparedData:
+    config = TrainConfig(image_size=image_size, split=split, val_fraction=val_fraction, seed=seed,
+                         max_images=max_images)
+    return prepare_data(spec, config, cache_dir)
+
+
+def prepared_for(spec: DataSpec, config: TrainConfig) -> PreparedData:
+    """The dataset as the Train page would train on it (same size, split and subset)."""
+    config = config.resolved(spec)
+    return load_prepared(spec, config.image_size, config.split, config.val_fraction, config.seed,
+                         config.max_images, str(run_store().cache_dir))
+
+
+def dataset_label(spec: DataSpec) -> str:
+    if spec.is_synthetic:
+        confounder = f", {spec.confounder_kind} confounder on {spec.confounder_fraction:.0%} of malignant" \
+            if spec.confounder_fraction else ""
+        return f"built-in synthetic set ({spec.synthetic_count} images, seed {spec.synthetic_seed}{confounder})"
+    return f"{spec.source} ({spec.format})"

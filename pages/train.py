@@ -1,0 +1,250 @@
+"""Train page: every hyperparameter, runs queued in the background, live progress and curves, the run table."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pandas as pd
+import streamlit as st
+
+from core.config import DEVICES, MODEL_NAMES, PAPER_IMAGE_SIZE, PRECISIONS, SYNTHETIC_TRAIN_SIZE
+from core.figures import training_curves_figure
+from core.jobs import Job, QueueSnapshot
+from core.models import get_model_spec
+from pages.common import (
+    LIVE_FIGURE,
+    PENDING_DELETE,
+    SEEN_FINISHED,
+    SPLIT_RATIOS,
+    apply_preset,
+    current_config,
+    current_data_spec,
+    dataset_label,
+    persistent,
+    require_entrypoint,
+    run_store,
+    shared_job_queue,
+)
+
+PRESET_LABELS = {"Quick demo": "quick", "Paper": "paper"}
+IMAGE_SIZES = ["auto", 32, 48, 64, 96, 128, 160, 192, 224, 256, 320]
+# Log-spaced choices, three per decade, plus the paper's Optuna optimum and the demo's defaults.
+LEARNING_RATES = sorted({float(f"{v:.3g}") for v in np.logspace(-5, -1, 13)} | {2.52e-4, 1e-3})
+WEIGHT_DECAYS = [0.0] + sorted({float(f"{v:.3g}") for v in np.logspace(-7, -2, 16)} | {1.99e-6, 1e-4})
+
+
+def model_label(name: str) -> str:
+    return get_model_spec(name).display_name
+
+
+def image_size_label(size) -> str:
+    return f"auto ({SYNTHETIC_TRAIN_SIZE} synthetic, {PAPER_IMAGE_SIZE} real)" if size == "auto" else f"{size} px"
+
+
+def on_preset_change() -> None:
+    apply_preset(PRESET_LABELS[st.session_state["train.preset"] or "Quick demo"])
+
+
+def hyperparameter_widgets() -> None:
+    st.segmented_control("Preset", list(PRESET_LABELS), key="train.preset", default="Quick demo",
+                         on_change=on_preset_change,
+                         help="Quick demo: the engine's fast defaults. Paper: 224 px and the paper's optimum "
+                              "(lr 2.52e-4, weight decay 1.99e-6, dropout 0.379).")
+    quick = current_config()
+    first, second, third, fourth = st.columns(4)
+    with first:
+        persistent(st.number_input, "Epochs", "epochs", quick.epochs, min_value=1, max_value=500, step=1)
+        persistent(st.number_input, "Batch size", "batch_size", quick.batch_size, min_value=2, max_value=1024, step=8)
+        persistent(st.selectbox, "Image size", "image_size", quick.image_size or "auto", options=IMAGE_SIZES,
+                   format_func=image_size_label)
+    with second:
+        persistent(st.select_slider, "Learning rate", "lr", quick.lr, options=LEARNING_RATES,
+                   format_func=lambda v: f"{v:.2e}", help="AdamW learning rate, log scale")
+        persistent(st.select_slider, "Weight decay", "weight_decay", quick.weight_decay, options=WEIGHT_DECAYS,
+                   format_func=lambda v: "0" if v == 0 else f"{v:.2e}", help="AdamW weight decay, log scale")
+        persistent(st.slider, "Dropout (Hybrid S-ResNet head)", "dropout", quick.dropout, min_value=0.0,
+                   max_value=0.9, step=0.001, format="%.3f")
+    with third:
+        persistent(st.slider, "Label smoothing", "label_smoothing", quick.label_smoothing, min_value=0.0,
+                   max_value=0.5, step=0.05)
+        persistent(st.selectbox, "Train:test split", "split", quick.split, options=SPLIT_RATIOS)
+        persistent(st.number_input, "Seed", "seed", quick.seed, min_value=0, step=1)
+    with fourth:
+        persistent(st.toggle, "Augmentation", "augment", quick.augment,
+                   help="Random horizontal flip, rotation and colour jitter, on tensors")
+        persistent(st.toggle, "Weighted sampler", "weighted_sampler", quick.weighted_sampler)
+        persistent(st.toggle, "Cosine LR schedule", "scheduler", quick.scheduler)
+        persistent(st.toggle, "ImageNet weights", "pretrained", quick.pretrained,
+                   help="Downloaded through torchvision when there is a network; otherwise random initialisation.")
+    with st.expander("Advanced"):
+        left, middle, right = st.columns(3)
+        with left:
+            persistent(st.slider, "Validation share of train", "val_fraction", quick.val_fraction, min_value=0.05,
+                       max_value=0.4, step=0.05, help="Held out to choose the best epoch; never the test part.")
+            persistent(st.slider, "Decision threshold", "threshold", quick.threshold, min_value=0.05, max_value=0.95,
+                       step=0.05, help="P(malignant) at or above which an image is called malignant.")
+        with middle:
+            persistent(st.selectbox, "Precision", "precision", quick.precision, options=list(PRECISIONS),
+                       help="auto times fp32 and bfloat16 (channels-last) for each model and keeps the faster.")
+            persistent(st.selectbox, "Device", "device", quick.device, options=list(DEVICES))
+        with right:
+            persistent(st.text_input, "Local weights file (optional)", "weights_file", "",
+                       help="A .pt state_dict: ImageNet weights for the backbone, or a model.pt of an earlier run.")
+
+
+def launch_widgets() -> None:
+    queue = shared_job_queue()
+    models = persistent(st.multiselect, "Models", "models", ["hybrid_sresnet"], options=list(MODEL_NAMES),
+                        format_func=model_label)
+    left, right, _ = st.columns([1, 1, 3])
+    start = left.button("Start", key="train.start", type="primary", disabled=not models,
+                        icon=":material/play_arrow:")
+    all_five = right.button("Train all five", key="train.all", icon=":material/queue:")
+    chosen = list(MODEL_NAMES) if all_five else models if start else []
+    if chosen:
+        try:
+            configs = [current_config(model) for model in chosen]
+        except ValueError as error:
+            st.error(f"Cannot start: {error}")
+            return
+        queue.submit(configs, current_data_spec())
+        st.toast(f"Queued {len(configs)} run(s)", icon=":material/schedule:")
+
+
+def progress_text(job: Job) -> str:
+    progress = job.progress
+    if job.state == "preparing" or progress is None:
+        return f"{model_label(job.config.model)}: preparing data and timing precision ..."
+    return (f"{model_label(job.config.model)}: epoch {progress.epoch}/{progress.epochs}, batch {progress.batch}/"
+            f"{progress.batches} · {progress.images_per_second:.0f} images/s · loss {progress.loss:.3f} · "
+            f"about {format_seconds(progress.eta_seconds)} left")
+
+
+def format_seconds(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 60} min {seconds % 60:02d} s" if seconds >= 60 else f"{seconds} s"
+
+
+def live_curves(job: Job):
+    """The job's curves, rebuilt only when an epoch was added: this redraw shares the CPU (and the
+    GIL) with the training thread, so it does as little as it can."""
+    key = (job.run_id, len(job.history))
+    cached = st.session_state.get(LIVE_FIGURE)
+    if cached is None or cached[0] != key:
+        cached = (key, training_curves_figure(job.history, f"{model_label(job.config.model)} ({job.run_id})"))
+        st.session_state[LIVE_FIGURE] = cached
+    return cached[1]
+
+
+@st.fragment(run_every=2.0)
+def live_progress() -> None:
+    """Redrawn every 2 s: progress, curves and the queue; the page itself is not rerun."""
+    queue = shared_job_queue()
+    snapshot = queue.snapshot()
+    for message in snapshot.warnings:
+        st.warning(message, icon=":material/cloud_off:")
+    current = snapshot.current
+    if current is not None:
+        fraction = current.progress.fraction_done if current.progress else 0.0
+        st.progress(min(fraction, 1.0), text=progress_text(current))
+        if current.history:
+            st.plotly_chart(live_curves(current), width="stretch", key="train.live_curves")
+        stop_column, clear_column, _ = st.columns([1, 1, 3])
+        if stop_column.button("Stop", key="train.stop", icon=":material/stop:"):
+            queue.stop_current()
+            st.toast("Stopping after the current batch; the best checkpoint is kept.")
+        if clear_column.button("Clear queue", key="train.clear", disabled=not snapshot.queued):
+            st.toast(f"Removed {queue.clear_queue()} queued run(s)")
+    show_queue(snapshot)
+    finished = sum(not job.active for job in snapshot.jobs)
+    if st.session_state.get(SEEN_FINISHED, finished) != finished:
+        st.session_state[SEEN_FINISHED] = finished
+        st.rerun(scope="app")  # a run ended: redraw the run table
+    st.session_state[SEEN_FINISHED] = finished
+
+
+def show_queue(snapshot: QueueSnapshot) -> None:
+    recent = [job for job in snapshot.jobs if job.active or (job.finished_at or 0) > time.time() - 3600]
+    if not recent:
+        st.caption("Nothing is training. Choose models and press Start, or Train all five.")
+        return
+    rows = [{"Job": job.job_id, "Model": model_label(job.config.model), "State": job.state,
+             "Run": job.run_id or "", "Problem": job.error or ""} for job in recent]
+    st.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch", key="train.queue_table")
+
+
+def run_rows(runs: list[dict]) -> pd.DataFrame:
+    rows = []
+    for run in runs:
+        config, metrics = run.get("config") or {}, run.get("metrics") or {}
+        val, test = metrics.get("val") or {}, metrics.get("test") or {}
+        rows.append({
+            "Run": run["run_id"], "Model": model_label(run["model"]), "Status": run.get("status"),
+            "Val AUC": val.get("auc"), "Val acc": val.get("accuracy"),
+            "Test AUC": test.get("auc"), "Test acc": test.get("accuracy"),
+            "Seconds": run.get("seconds"), "Weights": run.get("weights"),
+            "Dataset": (run.get("dataset") or {}).get("name"), "Epochs": config.get("epochs"),
+            "LR": config.get("lr"), "Weight decay": config.get("weight_decay"), "Dropout": config.get("dropout"),
+            "Label smoothing": config.get("label_smoothing"), "Batch": config.get("batch_size"),
+            "Image size": config.get("image_size"), "Split": config.get("split"), "Seed": config.get("seed"),
+            "Problem": run.get("error") or "",
+        })
+    return pd.DataFrame(rows)
+
+
+def run_table() -> None:
+    st.subheader("Runs")
+    store = run_store()
+    runs = store.list_runs()
+    if not runs:
+        st.caption(f"No runs in {store.root}/ yet.")
+        return
+    statuses = pd.Series([run.get("status") for run in runs]).value_counts()
+    st.caption(f"{len(runs)} run(s) in {store.root}/: " + ", ".join(f"{count} {status}" for status, count in
+                                                                   statuses.items()))
+    number = st.column_config.NumberColumn(format="%.4f")
+    st.dataframe(run_rows(runs), hide_index=True, width="stretch", key="train.run_table",
+                 column_config={name: number for name in ("Val AUC", "Val acc", "Test AUC", "Test acc")}
+                 | {"LR": st.column_config.NumberColumn(format="%.2e"),
+                    "Weight decay": st.column_config.NumberColumn(format="%.2e")})
+    delete_widgets(store, runs)
+
+
+def delete_widgets(store, runs: list[dict]) -> None:
+    deletable = [run["run_id"] for run in runs if run.get("status") != "running"]
+    if not deletable:
+        return
+    with st.expander("Delete a run"):
+        choice = st.selectbox("Run", deletable, key="train.delete_choice")
+        if st.button("Delete", key="train.delete", icon=":material/delete:"):
+            st.session_state[PENDING_DELETE] = choice
+        pending = st.session_state.get(PENDING_DELETE)
+        if pending:
+            st.warning(f"Delete run {pending} and its checkpoint? This cannot be undone.")
+            yes, no, _ = st.columns([1, 1, 4])
+            if yes.button("Yes, delete", key="train.delete_confirm", type="primary"):
+                st.session_state[PENDING_DELETE] = None
+                try:
+                    store.delete(pending)
+                except (KeyError, OSError) as error:
+                    st.error(f"Could not delete {pending}: {error}")
+                    return
+                st.rerun()
+            if no.button("Cancel", key="train.delete_cancel"):
+                st.session_state[PENDING_DELETE] = None
+                st.rerun()
+
+
+def main() -> None:
+    require_entrypoint()
+    st.title("Train")
+    spec = current_data_spec()
+    st.caption(f"Dataset: {dataset_label(spec)}. Change it on the Data page.")
+    hyperparameter_widgets()
+    launch_widgets()
+    live_progress()
+    run_table()
+
+
+main()

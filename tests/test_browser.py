@@ -1,0 +1,111 @@
+"""The dashboard in a real browser: `streamlit run` on a free port, driven by Playwright in Debian's
+headless Chromium (never a downloaded browser). Screenshots of every page go to test-artifacts/."""
+
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+CHROMIUM = "/usr/bin/chromium"
+ROOT = Path(__file__).resolve().parents[1]
+ARTIFACTS = ROOT / "test-artifacts"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run", "--disable-dev-shm-usage"]
+PAGES = ["Data", "Train", "Compare", "Explain", "Tune", "Ablation"]
+
+pytestmark = [
+    pytest.mark.browser,
+    # Skipped on a developer machine without chromium; in CI (.ci/run installs it) a missing browser fails.
+    pytest.mark.skipif(not os.path.exists(CHROMIUM) and not os.environ.get("CI"),
+                       reason="Debian's chromium is not installed (apt-get install chromium; .ci/run does)"),
+]
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture
+def dashboard(tmp_path):
+    port = free_port()
+    environment = {**os.environ, "SKIN_RUNS_DIR": str(tmp_path / "runs")}
+    server = subprocess.Popen(
+        [sys.executable, "-m", "streamlit", "run", "streamlit_app.py", "--server.headless", "true",
+         "--server.port", str(port), "--server.address", "127.0.0.1"],
+        cwd=ROOT, env=environment, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            if urllib.request.urlopen(f"{url}/_stcore/health", timeout=2).read() == b"ok":
+                break
+        except OSError:
+            pass
+        assert server.poll() is None and time.monotonic() < deadline, "streamlit did not start"
+        time.sleep(0.3)
+    yield url
+    server.terminate()
+    server.wait(timeout=20)
+
+
+@pytest.fixture
+def page():
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        tab = browser.new_page(viewport={"width": 1400, "height": 1800})
+        yield tab
+        browser.close()
+
+
+def go_to(page, title: str) -> None:
+    """Through the sidebar, as a user does (a fresh URL would start a new session)."""
+    page.locator("[data-testid='stSidebarNav'] a", has_text=title).first.click()
+    page.get_by_role("heading", name=title, level=1).wait_for(timeout=60_000)
+    page.wait_for_timeout(800)
+
+
+def set_number(page, label: str, value: int) -> None:
+    field = page.get_by_label(label, exact=True)
+    field.fill(str(value))
+    field.press("Enter")
+    page.wait_for_timeout(600)
+
+
+def no_exceptions(page) -> None:
+    errors = page.locator("[data-testid='stException']")
+    assert errors.count() == 0, errors.first.inner_text()
+
+
+def test_a_tiny_run_from_the_train_page_ends_in_the_run_table(dashboard, page):
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.goto(dashboard)
+    page.get_by_role("heading", name="Data", level=1).wait_for(timeout=60_000)
+    set_number(page, "Images", 60)
+    page.get_by_text("Using built-in synthetic set (60 images").wait_for(timeout=60_000)
+    no_exceptions(page)
+    page.screenshot(path=str(ARTIFACTS / "data.png"), full_page=True)
+
+    go_to(page, "Train")
+    set_number(page, "Epochs", 1)
+    page.locator("[data-testid='stSelectbox']").filter(has_text="Image size").locator("input").click()
+    page.get_by_role("option", name="32 px", exact=True).click()
+    page.wait_for_timeout(600)
+    page.get_by_role("button", name="Start").click()
+    page.get_by_text(re.compile(r"1 run\(s\) in .*: 1 completed")).wait_for(timeout=180_000)
+    no_exceptions(page)
+    page.screenshot(path=str(ARTIFACTS / "train.png"), full_page=True)
+
+    for title in PAGES[2:]:
+        go_to(page, title)
+        no_exceptions(page)
+        page.screenshot(path=str(ARTIFACTS / f"{title.lower()}.png"), full_page=True)

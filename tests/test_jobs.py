@@ -1,0 +1,90 @@
+"""The background training queue, driven directly (no UI)."""
+
+import dataclasses
+import time
+
+import pytest
+
+from core.jobs import JobQueue
+from tests.conftest import TINY_CONFIG, TINY_SYNTHETIC
+
+
+def wait_for(condition, timeout=60.0):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
+
+
+@pytest.fixture
+def queue(store):
+    return JobQueue(store)
+
+
+def test_queued_runs_finish_in_order_with_progress_and_history(queue, store):
+    ids = queue.submit([TINY_CONFIG, dataclasses.replace(TINY_CONFIG, model="hybrid_sresnet", epochs=2)],
+                       TINY_SYNTHETIC)
+    assert ids == [1, 2]
+    assert queue.wait_until_idle(timeout=120)
+    first, second = queue.snapshot().jobs
+    assert (first.state, second.state) == ("completed", "completed")
+    assert first.progress.batch == first.progress.batches and first.progress.epoch == 1
+    assert [entry["epoch"] for entry in second.history] == [1, 2]
+    assert {run["run_id"] for run in store.list_runs()} == {first.run_id, second.run_id}
+    assert second.finished_at >= first.finished_at
+
+
+def test_stop_ends_the_current_run_cleanly_and_the_queue_goes_on(queue):
+    long_run = dataclasses.replace(TINY_CONFIG, epochs=200)
+    queue.submit([long_run, TINY_CONFIG], TINY_SYNTHETIC)
+    wait_for(lambda: (job := queue.snapshot().current) is not None and job.history)
+    queue.stop_current()
+    assert queue.wait_until_idle(timeout=120)
+    stopped, after = queue.snapshot().jobs
+    assert stopped.state == "stopped" and 1 <= len(stopped.history) < 200
+    assert after.state == "completed"
+
+
+def test_clear_queue_drops_only_jobs_not_started(queue):
+    queue.submit([dataclasses.replace(TINY_CONFIG, epochs=200)] + [TINY_CONFIG] * 3, TINY_SYNTHETIC)
+    wait_for(lambda: queue.snapshot().current is not None)
+    assert queue.clear_queue() == 3
+    queue.stop_current()
+    assert queue.wait_until_idle(timeout=120)
+    assert [job.state for job in queue.snapshot().jobs] == ["stopped", "cancelled", "cancelled", "cancelled"]
+
+
+def test_a_crashing_run_does_not_kill_the_queue(queue, tmp_path):
+    broken = dataclasses.replace(TINY_CONFIG, weights_file=str(tmp_path / "missing.pt"))
+    queue.submit([broken, TINY_CONFIG], TINY_SYNTHETIC)
+    assert queue.wait_until_idle(timeout=120)
+    failed, fine = queue.snapshot().jobs
+    assert failed.state == "failed" and "weights file not found" in failed.error
+    assert fine.state == "completed"
+
+
+def test_bad_dataset_fails_the_job_with_its_message(queue, tmp_path):
+    queue.submit([TINY_CONFIG], dataclasses.replace(TINY_SYNTHETIC, source=str(tmp_path / "nowhere"), format="auto"))
+    assert queue.wait_until_idle(timeout=60)
+    job = queue.snapshot().jobs[0]
+    assert job.state == "failed" and "not found" in job.error
+
+
+def test_the_same_warning_is_told_once(queue, monkeypatch):
+    import core.models
+
+    monkeypatch.setattr(core.models, "fetch_imagenet_state_dict", lambda spec: (None, "offline"))
+    pretrained = dataclasses.replace(TINY_CONFIG, pretrained=True)
+    queue.submit([pretrained, dataclasses.replace(pretrained, model="hybrid_sresnet")], TINY_SYNTHETIC)
+    assert queue.wait_until_idle(timeout=120)
+    snapshot = queue.snapshot()
+    assert len(snapshot.warnings) == 1 and "random initialisation" in snapshot.warnings[0]
+    assert all(len(job.warnings) == 1 for job in snapshot.jobs)
+
+
+def test_snapshots_are_copies(queue):
+    queue.submit([TINY_CONFIG], TINY_SYNTHETIC)
+    assert queue.wait_until_idle(timeout=60)
+    snapshot = queue.snapshot()
+    snapshot.jobs[0].history.append({"epoch": 99})
+    assert len(queue.snapshot().jobs[0].history) == 1

@@ -1,0 +1,133 @@
+"""Every page through Streamlit's AppTest: widgets set by key, no exceptions, a tiny run from the Train page."""
+
+import time
+from pathlib import Path
+
+import pytest
+from streamlit.testing.v1 import AppTest
+
+from pages.common import DATA_SPEC, VALUE_PREFIX
+from tests.conftest import TINY_SYNTHETIC
+
+APP = str(Path(__file__).resolve().parents[1] / "streamlit_app.py")
+TINY_VALUES = {"epochs": 1, "batch_size": 8, "image_size": 32, "pretrained": False, "split": "70:30",
+               "val_fraction": 0.25, "synthetic_count": 40, "synthetic_image_size": 64}
+
+
+@pytest.fixture
+def app(tmp_path, monkeypatch):
+    monkeypatch.setenv("SKIN_RUNS_DIR", str(tmp_path / "runs"))
+    test = AppTest.from_file(APP, default_timeout=60)
+    for name, value in TINY_VALUES.items():
+        test.session_state[VALUE_PREFIX + name] = value
+    return test
+
+
+def open_page(app: AppTest, page: str) -> AppTest:
+    app.run()
+    app.switch_page(f"pages/{page}.py").run()
+    assert not app.exception, app.exception
+    return app
+
+
+@pytest.mark.parametrize("page", ["compare", "explain", "tune", "ablation"])
+def test_pages_not_built_yet_say_so(app, page):
+    open_page(app, page)
+    assert "Not built yet" in app.info[0].value
+
+
+def test_data_page_shows_the_synthetic_set(app):
+    open_page(app, "data")
+    assert app.title[0].value == "Data"
+    assert [metric.value for metric in app.metric] == ["40", "26", "14", "0"]
+    assert app.session_state[DATA_SPEC].synthetic_count == 40
+    app.slider(key="widget.confounder_fraction").set_value(0.5).run()
+    assert not app.exception
+    assert app.session_state[DATA_SPEC].confounder_fraction == 0.5
+
+
+def test_data_page_bad_path_gives_a_clear_message_and_keeps_the_last_good_dataset(app, tmp_path):
+    open_page(app, "data")
+    app.radio(key="widget.source_kind").set_value("Local dataset").run()
+    app.text_input(key="widget.data_path").input(str(tmp_path / "no-such-folder")).run()
+    assert not app.exception
+    assert "dataset path not found" in app.error[0].value
+    assert app.session_state[DATA_SPEC].is_synthetic
+
+
+def test_data_page_reads_an_image_folder(app, image_folder):
+    open_page(app, "data")
+    app.radio(key="widget.source_kind").set_value("Local dataset").run()
+    app.text_input(key="widget.data_path").input(str(image_folder)).run()
+    assert not app.exception and not app.error
+    assert app.metric[0].value == "20"
+    assert app.session_state[DATA_SPEC].source == str(image_folder)
+
+
+def test_paper_preset_sets_the_papers_values(app):
+    open_page(app, "train")
+    app.button_group(key="train.preset").set_value("Paper").run()
+    assert not app.exception
+    assert app.select_slider(key="widget.lr").value == pytest.approx(2.52e-4)
+    assert app.selectbox(key="widget.image_size").value == 224
+    app.button_group(key="train.preset").set_value("Quick demo").run()
+    assert app.select_slider(key="widget.lr").value == pytest.approx(1e-3)
+
+
+def test_a_tiny_run_started_on_the_train_page_lands_in_the_run_table(app):
+    app.session_state[DATA_SPEC] = TINY_SYNTHETIC
+    open_page(app, "train")
+    app.number_input(key="widget.epochs").set_value(1)
+    app.multiselect(key="widget.models").set_value(["resnet18"])
+    app.button(key="train.start").click().run()
+    assert not app.exception
+    deadline = time.monotonic() + 120
+    while True:
+        app.run()
+        assert not app.exception
+        tables = [frame.value for frame in app.dataframe if "Test AUC" in frame.value.columns]
+        if tables and (tables[0]["Status"] == "completed").any():
+            break
+        assert time.monotonic() < deadline, "the run did not finish"
+        time.sleep(0.5)
+    runs = tables[0]
+    assert list(runs["Model"]) == ["ResNet18"] and runs["Epochs"].iloc[0] == 1 and runs["Image size"].iloc[0] == 32
+
+    app.button(key="train.delete").click().run()
+    assert "cannot be undone" in app.warning[-1].value
+    app.button(key="train.delete_confirm").click().run()
+    assert not app.exception
+    assert not [frame for frame in app.dataframe if "Test AUC" in frame.value.columns]
+
+
+def test_a_second_session_sees_the_same_run_and_can_stop_it(tmp_path, monkeypatch):
+    monkeypatch.setenv("SKIN_RUNS_DIR", str(tmp_path / "runs"))
+
+    def session() -> AppTest:
+        test = AppTest.from_file(APP, default_timeout=60)
+        for name, value in TINY_VALUES.items():
+            test.session_state[VALUE_PREFIX + name] = value
+        test.session_state[DATA_SPEC] = TINY_SYNTHETIC
+        return open_page(test, "train")
+
+    first = session()
+    first.number_input(key="widget.epochs").set_value(500)
+    first.multiselect(key="widget.models").set_value(["resnet18"])
+    first.button(key="train.start").click().run()
+    second = session()  # another tab: a new session on the same server process
+    deadline = time.monotonic() + 60
+    while not any("epoch" in bar.proto.text for bar in second.get("progress")):
+        assert time.monotonic() < deadline, "the second session never saw the run"
+        time.sleep(0.3)
+        second.run()
+    assert "ResNet18: epoch" in second.get("progress")[0].proto.text
+    second.button(key="train.stop").click().run()
+    deadline = time.monotonic() + 60
+    while True:
+        first.run()
+        tables = [frame.value for frame in first.dataframe if "Test AUC" in frame.value.columns]
+        if tables and tables[0]["Status"].iloc[0] == "stopped":
+            break
+        assert time.monotonic() < deadline, "the run did not stop"
+        time.sleep(0.3)
+    assert len(tables[0]) == 1, "one run, not one per session"
