@@ -8,7 +8,7 @@ import sys
 import time
 
 from core.callbacks import BatchProgress, EpochRecord, TrainingCallback
-from core.compare import comparison_table, default_comparison_runs, format_table
+from core.compare import comparison_table, default_comparison_runs, format_table, tested_on_same_images
 from core.config import MODEL_NAMES, PRECISIONS, PRESETS, DataSpec, TrainConfig
 from core.datasets import FORMATS, DatasetError, prepare_data
 from core.runs import RunStore, RunStoreError, default_runs_dir
@@ -123,9 +123,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     compare = commands.add_parser("compare", help="compare runs (the paper's Tables 1 and 2)",
                                   description="Train/test accuracy, precision, recall, F1, AUC, specificity, "
-                                              "kappa and G-mean; default: the newest completed run of each model.")
+                                              "kappa and G-mean with 95%% bootstrap intervals from the saved test "
+                                              "predictions; default: the newest completed run of each model.")
     compare.add_argument("--runs", nargs="+", metavar="RUN_ID", help="run ids to compare")
-    compare.add_argument("--format", choices=["table", "csv", "latex"], default="table")
+    compare.add_argument("--format", choices=["table", "csv", "latex"], default="table",
+                         help="table and latex show 'value [95%% CI]'; csv has separate low/high columns")
+    compare.add_argument("--resamples", type=int, default=2000,
+                         help="bootstrap resamples of the test images for the intervals (0: none)")
+    compare.add_argument("--seed", type=int, default=0, help="seed of the bootstrap")
     compare.add_argument("--runs-dir", default=str(default_runs_dir()))
     return parser
 
@@ -216,7 +221,10 @@ def command_compare(args: argparse.Namespace) -> int:
     if not runs:
         print(f"no completed runs in {args.runs_dir}; train some with `python -m core train`", file=sys.stderr)
         return 0
-    print(format_table(comparison_table(runs), args.format))
+    if len(runs) > 1 and not tested_on_same_images(runs):
+        print("warning: these runs were tested on different images; the comparison is not paired",
+              file=sys.stderr)
+    print(format_table(comparison_table(runs, store, args.resamples, args.seed), args.format))
     return 0
 
 

@@ -29,8 +29,14 @@ def test_train_list_and_compare_end_to_end(tmp_path, capsys):
     assert main(["compare", "--runs-dir", runs_dir]) == 0
     table = capsys.readouterr().out
     assert "Hybrid S-ResNet" in table and "ResNet18" in table and "G-mean" in table and "Train acc" in table
+    assert "[" in table, "test metrics carry bootstrap intervals"
+    assert main(["compare", "--runs-dir", runs_dir, "--seed", "3"]) == 0
+    table = capsys.readouterr().out
     assert main(["compare", "--runs-dir", runs_dir, "--format", "csv"]) == 0
-    assert capsys.readouterr().out.startswith("Model,Run,Train acc,Test acc,Precision,Recall,F1,AUC")
+    csv_text = capsys.readouterr().out
+    assert csv_text.startswith("Model,Run,Train acc,Train acc low,Train acc high,Test acc,Test acc low")
+    assert main(["compare", "--runs-dir", runs_dir, "--seed", "3"]) == 0
+    assert capsys.readouterr().out == table, "intervals are reproducible from the seed"
     assert main(["compare", "--runs-dir", runs_dir, "--format", "latex", "--runs", run_ids[0]]) == 0
     assert "\\begin{tabular}" in capsys.readouterr().out
 
