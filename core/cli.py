@@ -131,6 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--resamples", type=int, default=2000,
                          help="bootstrap resamples of the test images for the intervals (0: none)")
     compare.add_argument("--seed", type=int, default=0, help="seed of the bootstrap")
+    compare.add_argument("--report", metavar="PATH.html",
+                         help="also write the Compare page (table, figures, tests) as one self-contained HTML file")
     compare.add_argument("--runs-dir", default=str(default_runs_dir()))
     return parser
 
@@ -225,6 +227,16 @@ def command_compare(args: argparse.Namespace) -> int:
         print("warning: these runs were tested on different images; the comparison is not paired",
               file=sys.stderr)
     print(format_table(comparison_table(runs, store, args.resamples, args.seed), args.format))
+    if args.report:
+        from core.compare import build_comparison
+        from core.report import write_html_report
+
+        comparison = build_comparison(store, runs, resamples=args.resamples, seed=args.seed)
+        try:
+            path = write_html_report(comparison, args.report)
+        except OSError as error:
+            raise ValueError(f"cannot write the report {args.report}: {error.strerror or error}") from None
+        print(f"report written to {path}", file=sys.stderr)
     return 0
 
 

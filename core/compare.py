@@ -4,14 +4,27 @@ confidence intervals from each run's saved test predictions (no model is re-run)
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
+from sklearn.metrics import average_precision_score
 
+from core import figures
 from core.config import MODEL_NAMES
+from core.metrics import compute_metrics, precision_recall_curve, predict_labels, roc_curve
 from core.models import get_model_spec
 from core.runs import RunStore
-from core.stats import DEFAULT_RESAMPLES, DEFAULT_SEED, bootstrap_metrics
+from core.stats import (
+    DEFAULT_RESAMPLES,
+    DEFAULT_SEED,
+    bootstrap_metrics,
+    calibration,
+    delong_test,
+    mcnemar_test,
+    partial_auc_above_sensitivity,
+    threshold_for_sensitivity,
+)
 
 # (column title, metrics block, metric name)
 COMPARISON_COLUMNS = (
@@ -98,3 +111,161 @@ def format_table(table: pd.DataFrame, style: str = "table") -> str:
     if style == "latex":
         return shown.drop(columns=["Run"]).to_latex(index=False)
     return shown.to_string(index=False)
+
+
+# Columns of the page's and the report's table beyond COMPARISON_COLUMNS: (title, metric name).
+EXTRA_COLUMNS = (("MCC", "mcc"), ("Balanced acc", "balanced_accuracy"))
+SIGNIFICANCE = 0.05
+
+
+@dataclass
+class ModelPredictions:
+    """One run's saved validation and test predictions, and the threshold it is judged at."""
+
+    name: str
+    run: dict
+    val: pd.DataFrame
+    test: pd.DataFrame
+    threshold: float = 0.5
+
+
+@dataclass
+class Comparison:
+    entries: list[ModelPredictions]
+    table: pd.DataFrame  # Model, Run, Threshold, columns with ' low' / ' high' bounds, pAUC, ECE, Brier
+    paired: bool
+    delong: np.ndarray | None = None  # pairwise p-values, None when the test images differ
+    mcnemar: np.ndarray | None = None
+    readings: list[str] = field(default_factory=list)
+
+
+def load_predictions(store: RunStore, runs: list[dict]) -> list[ModelPredictions]:
+    """The runs whose predictions.csv can be read (others are skipped)."""
+    entries = []
+    for run in runs:
+        try:
+            predictions = store.predictions(run["run_id"])
+        except (OSError, ValueError):
+            continue
+        name = get_model_spec(run["model"]).display_name
+        if sum(entry.name == name for entry in entries):
+            name = f"{name} ({run['run_id'][-4:]})"  # two runs of one model stay apart
+        entries.append(ModelPredictions(name, run, predictions[predictions["split"] == "val"],
+                                        predictions[predictions["split"] == "test"].sort_values("image_id"),
+                                        float((run.get("config") or {}).get("threshold", 0.5))))
+    return entries
+
+
+def build_comparison(store: RunStore, runs: list[dict], threshold: float | None = None,
+                     target_sensitivity: float | None = None, resamples: int = DEFAULT_RESAMPLES,
+                     seed: int = DEFAULT_SEED) -> Comparison:
+    """Everything the Compare page and the HTML report show. With `target_sensitivity`, each model's
+    threshold is the highest one reaching that sensitivity on its validation predictions."""
+    entries = load_predictions(store, runs)
+    for entry in entries:
+        if target_sensitivity is not None:
+            entry.threshold = threshold_for_sensitivity(entry.val["label"], entry.val["prob_malignant"],
+                                                        target_sensitivity)
+        elif threshold is not None:
+            entry.threshold = threshold
+    rows = [_comparison_row(entry, resamples, seed) for entry in entries]
+    table = pd.DataFrame(rows)
+    paired = len(entries) > 1 and all(
+        entry.test["image_id"].tolist() == entries[0].test["image_id"].tolist() for entry in entries)
+    comparison = Comparison(entries, table, paired)
+    if paired:
+        comparison.delong, comparison.mcnemar = _pairwise_tests(entries)
+        comparison.readings = _readings(entries, comparison.delong, comparison.mcnemar)
+    return comparison
+
+
+def _comparison_row(entry: ModelPredictions, resamples: int, seed: int) -> dict:
+    labels, scores = entry.test["label"].to_numpy(), entry.test["prob_malignant"].to_numpy()
+    intervals = bootstrap_metrics(labels, scores, entry.threshold, resamples, seed) if len(labels) else {}
+    train = ((entry.run.get("metrics") or {}).get("train") or {}).get("accuracy")
+    row = {"Model": entry.name, "Run": entry.run["run_id"], "Threshold": entry.threshold}
+    for title, block, name in COMPARISON_COLUMNS + tuple((t, "test", n) for t, n in EXTRA_COLUMNS):
+        interval = intervals.get(name) if block == "test" else None
+        value = interval.value if interval else (math.nan if train is None else float(train))
+        row.update({title: value, f"{title} low": interval.low if interval else math.nan,
+                    f"{title} high": interval.high if interval else math.nan})
+    both = len(np.unique(labels)) == 2
+    calibrated = calibration(labels, scores) if len(labels) else None
+    row["pAUC (sens >= 0.8)"] = partial_auc_above_sensitivity(labels, scores) if both else math.nan
+    row["ECE"] = calibrated.expected_calibration_error if calibrated else math.nan
+    row["Brier"] = calibrated.brier_score if calibrated else math.nan
+    return row
+
+
+def _pairwise_tests(entries: list[ModelPredictions]) -> tuple[np.ndarray, np.ndarray]:
+    count = len(entries)
+    delong, mcnemar = np.ones((count, count)), np.ones((count, count))
+    labels = entries[0].test["label"].to_numpy()
+    for i in range(count):
+        for j in range(i + 1, count):
+            a, b = entries[i], entries[j]
+            auc_test = delong_test(labels, a.test["prob_malignant"], b.test["prob_malignant"])
+            delong[i, j] = delong[j, i] = auc_test.p_value
+            mcnemar[i, j] = mcnemar[j, i] = mcnemar_test(
+                labels, predict_labels(a.test["prob_malignant"], a.threshold),
+                predict_labels(b.test["prob_malignant"], b.threshold)).p_value
+    return delong, mcnemar
+
+
+def _readings(entries, delong: np.ndarray, mcnemar: np.ndarray) -> list[str]:
+    """One line per test saying what the p-values mean at the 0.05 level."""
+    lines = []
+    for test_name, what, matrix in (("DeLong", "AUC", delong), ("McNemar", "accuracy", mcnemar)):
+        pairs = [(entries[i].name, entries[j].name, matrix[i, j]) for i in range(len(entries))
+                 for j in range(i + 1, len(entries)) if matrix[i, j] < SIGNIFICANCE]
+        if not pairs:
+            lines.append(f"{test_name}: no significant difference in {what} between any two models at "
+                         f"{SIGNIFICANCE} (no correction for multiple comparisons).")
+        else:
+            listed = "; ".join(f"{a} vs {b} (p = {p:.3g})" for a, b, p in pairs)
+            lines.append(f"{test_name}: {what} differs significantly at {SIGNIFICANCE} for {listed} "
+                         f"(uncorrected; with {len(entries) * (len(entries) - 1) // 2} comparisons, "
+                         "expect some false alarms).")
+    return lines
+
+
+def comparison_figures(comparison: Comparison) -> dict[str, object]:
+    """Every figure of the Compare page and the report, by title, built in core.figures."""
+    entries, table = comparison.entries, comparison.table
+    result = {}
+    matrices = [(e.name, compute_metrics(e.test["label"], e.test["prob_malignant"], e.threshold)["confusion_matrix"])
+                for e in entries]
+    result["Confusion matrices (test)"] = figures.confusion_matrices_figure(matrices)
+    curves, pr_curves = [], []
+    for e in entries:
+        labels, scores = e.test["label"].to_numpy(), e.test["prob_malignant"].to_numpy()
+        if len(np.unique(labels)) < 2:
+            continue
+        roc = roc_curve(labels, scores)
+        curves.append((e.name, roc["fpr"], roc["tpr"], float(table.set_index("Model").loc[e.name, "AUC"])))
+        pr = precision_recall_curve(labels, scores)
+        pr_curves.append((e.name, pr["recall"], pr["precision"], float(average_precision_score(labels, scores))))
+    result["ROC curves"] = figures.roc_figure(curves)
+    prevalence = float(entries[0].test["label"].mean()) if entries else None
+    result["Precision-recall curves"] = figures.precision_recall_figure(pr_curves, prevalence)
+    result["Sensitivity and specificity"] = figures.metric_bars_figure(
+        table, [("Recall", "Sensitivity"), ("Specificity", "Specificity")], "Sensitivity and specificity (test)")
+    result["All metrics"] = figures.metric_bars_figure(
+        table, [("Test acc", "Accuracy"), ("Precision", "Precision"), ("Recall", "Recall"), ("F1", "F1"),
+                ("AUC", "AUC")], "Accuracy, precision, recall, F1 and AUC (test)")
+    result["Kappa and G-mean"] = figures.metric_bars_figure(
+        table, [("Kappa", "Cohen's kappa"), ("G-mean", "G-mean")], "Cohen's kappa and G-mean (test)")
+    result["Training curves"] = figures.compared_training_curves_figure(
+        [(e.name, e.run.get("history") or []) for e in entries])
+    reliability = []
+    for e in entries:
+        calibrated = calibration(e.test["label"], e.test["prob_malignant"])
+        reliability.append((e.name, calibrated.bin_centres, calibrated.observed, calibrated.expected_calibration_error))
+    result["Calibration"] = figures.reliability_figure(reliability)
+    if comparison.paired:
+        names = [e.name for e in entries]
+        result["DeLong p-values (AUC)"] = figures.p_value_matrix_figure(names, comparison.delong,
+                                                                        "DeLong test of AUC: p-values")
+        result["McNemar p-values (accuracy)"] = figures.p_value_matrix_figure(names, comparison.mcnemar,
+                                                                              "McNemar test of accuracy: p-values")
+    return result

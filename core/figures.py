@@ -60,3 +60,120 @@ def outline_mask(image: np.ndarray, mask: np.ndarray, colour=MASK_OUTLINE_COLOUR
     outlined = image.copy()
     outlined[mask & ~interior] = colour
     return outlined
+
+
+MODEL_COLOURS = {"ResNet18": "#4c72b0", "ResNet50": "#dd8452", "DenseNet121": "#55a868", "EfficientNetB0": "#8172b3",
+                 "Hybrid S-ResNet": "#c44e52"}
+
+
+def model_colour(name: str, index: int = 0) -> str:
+    palette = list(MODEL_COLOURS.values())
+    return MODEL_COLOURS.get(name, palette[index % len(palette)])
+
+
+def confusion_matrices_figure(entries: list[tuple[str, list[list[int]]]]) -> go.Figure:
+    """Side-by-side confusion matrices (rows: true class, columns: predicted), counts and row %."""
+    figure = make_subplots(rows=1, cols=max(len(entries), 1), subplot_titles=[name for name, _ in entries],
+                           horizontal_spacing=0.04)
+    labels = ["Benign", "Malignant"]
+    for column, (_, matrix) in enumerate(entries, start=1):
+        counts = np.asarray(matrix, dtype=float)
+        row_share = counts / np.maximum(counts.sum(1, keepdims=True), 1)
+        text = [[f"{int(counts[r, c])}<br>({row_share[r, c]:.0%})" for c in range(2)] for r in range(2)]
+        figure.add_trace(go.Heatmap(z=row_share, x=labels, y=labels, text=text, texttemplate="%{text}",
+                                    colorscale="Blues", zmin=0, zmax=1, showscale=False,
+                                    hovertemplate="true %{y}<br>predicted %{x}<br>%{text}<extra></extra>"),
+                         row=1, col=column)
+        figure.update_yaxes(autorange="reversed", row=1, col=column, showticklabels=column == 1)
+    figure.update_xaxes(title_text="predicted")
+    figure.update_yaxes(title_text="true", row=1, col=1)
+    figure.update_layout(height=300, margin=dict(l=10, r=10, t=40, b=10))
+    return figure
+
+
+def roc_figure(curves: list[tuple[str, np.ndarray, np.ndarray, float]]) -> go.Figure:
+    """ROC curves of several models on one plot; entries are (name, fpr, tpr, auc)."""
+    figure = go.Figure()
+    for index, (name, fpr, tpr, auc) in enumerate(curves):
+        figure.add_trace(go.Scatter(x=fpr, y=tpr, mode="lines", name=f"{name} (AUC {auc:.3f})",
+                                    line=dict(color=model_colour(name, index))))
+    figure.add_trace(go.Scatter(x=[0, 1], y=[0, 1], mode="lines", name="chance", line=dict(color="#999", dash="dot")))
+    figure.update_layout(xaxis_title="1 - specificity (false positive rate)", yaxis_title="sensitivity",
+                         height=420, margin=dict(l=10, r=10, t=30, b=10), title="ROC (test)",
+                         legend=dict(x=0.45, y=0.05))
+    return figure
+
+
+def precision_recall_figure(curves: list[tuple[str, np.ndarray, np.ndarray, float]],
+                            prevalence: float | None = None) -> go.Figure:
+    """Precision-recall curves; entries are (name, recall, precision, average precision)."""
+    figure = go.Figure()
+    for index, (name, recall, precision, average) in enumerate(curves):
+        figure.add_trace(go.Scatter(x=recall, y=precision, mode="lines", name=f"{name} (AP {average:.3f})",
+                                    line=dict(color=model_colour(name, index), shape="hv")))
+    if prevalence is not None:
+        figure.add_hline(y=prevalence, line=dict(color="#999", dash="dot"), annotation_text="prevalence")
+    figure.update_layout(xaxis_title="recall (sensitivity)", yaxis_title="precision", height=420,
+                         margin=dict(l=10, r=10, t=30, b=10), title="Precision-recall (test)",
+                         yaxis_range=[0, 1.02], legend=dict(x=0.02, y=0.05))
+    return figure
+
+
+def metric_bars_figure(table, metrics: list[tuple[str, str]], title: str) -> go.Figure:
+    """Grouped bars: one group per model, one bar per metric, with 95% interval error bars.
+    `table` has columns Model, <title>, '<title> low', '<title> high'; metrics are (title, label)."""
+    figure = go.Figure()
+    for column, label in metrics:
+        values = table[column].to_numpy(dtype=float)
+        error_high = table[f"{column} high"].to_numpy(dtype=float) - values
+        error_low = values - table[f"{column} low"].to_numpy(dtype=float)
+        figure.add_trace(go.Bar(name=label, x=table["Model"], y=values, text=[f"{v:.3f}" for v in values],
+                                textposition="outside", error_y=dict(type="data", array=error_high,
+                                                                     arrayminus=error_low, visible=True)))
+    figure.update_layout(barmode="group", title=title, yaxis_range=[0, 1.1], height=380,
+                         margin=dict(l=10, r=10, t=40, b=10), legend=dict(orientation="h", y=1.08))
+    return figure
+
+
+def compared_training_curves_figure(histories: list[tuple[str, list[dict]]]) -> go.Figure:
+    """Loss, accuracy and validation AUC per epoch of several runs: solid validation, dotted train."""
+    figure = make_subplots(rows=1, cols=3, subplot_titles=("Loss", "Accuracy", "Validation AUC"))
+    for index, (name, history) in enumerate(histories):
+        colour = model_colour(name, index)
+        epochs = [entry["epoch"] for entry in history]
+        for column, key, dash, show in ((1, "train_loss", "dot", False), (1, "val_loss", "solid", True),
+                                        (2, "train_acc", "dot", False), (2, "val_acc", "solid", False),
+                                        (3, "val_auc", "solid", False)):
+            figure.add_trace(go.Scatter(x=epochs, y=[entry[key] for entry in history], mode="lines+markers",
+                                        name=name, legendgroup=name, showlegend=show,
+                                        line=dict(color=colour, dash=dash)), row=1, col=column)
+    figure.update_xaxes(title_text="epoch")
+    figure.update_layout(height=330, margin=dict(l=10, r=10, t=50, b=10), legend=dict(orientation="h", y=-0.3),
+                         title="Training curves (dotted: train, solid: validation)")
+    return figure
+
+
+def reliability_figure(entries: list[tuple[str, list[float], list[float], float]]) -> go.Figure:
+    """Reliability diagram; entries are (name, mean predicted per bin, observed share, ECE)."""
+    figure = go.Figure()
+    figure.add_trace(go.Scatter(x=[0, 1], y=[0, 1], mode="lines", name="perfect calibration",
+                                line=dict(color="#999", dash="dot")))
+    for index, (name, predicted, observed, ece) in enumerate(entries):
+        figure.add_trace(go.Scatter(x=predicted, y=observed, mode="lines+markers", name=f"{name} (ECE {ece:.3f})",
+                                    line=dict(color=model_colour(name, index))))
+    figure.update_layout(xaxis_title="mean predicted P(malignant)", yaxis_title="observed share malignant",
+                         height=460, margin=dict(l=10, r=10, t=30, b=10), title="Calibration (test)",
+                         xaxis_range=[0, 1], yaxis_range=[0, 1], legend=dict(orientation="h", y=-0.25))
+    return figure
+
+
+def p_value_matrix_figure(names: list[str], p_values: np.ndarray, title: str) -> go.Figure:
+    """A symmetric matrix of pairwise p-values; cells below 0.05 stand out."""
+    text = [["" if i == j else f"{p_values[i, j]:.3f}" for j in range(len(names))] for i in range(len(names))]
+    figure = go.Figure(go.Heatmap(z=np.where(np.eye(len(names), dtype=bool), np.nan, p_values), x=names, y=names,
+                                  text=text, texttemplate="%{text}", zmin=0, zmax=0.1, showscale=False,
+                                  colorscale=[[0, "#c44e52"], [0.5, "#f3c6c0"], [0.5001, "#eeeeee"], [1, "#ffffff"]],
+                                  hovertemplate="%{y} vs %{x}: p = %{text}<extra></extra>"))
+    figure.update_yaxes(autorange="reversed")
+    figure.update_layout(title=title, height=360, margin=dict(l=10, r=10, t=40, b=10))
+    return figure
