@@ -50,45 +50,21 @@ def default_comparison_runs(runs: list[dict], dataset_fingerprint: str | None = 
     return [latest[name] for name in MODEL_NAMES if name in latest]
 
 
-def test_predictions(store: RunStore, run: dict) -> pd.DataFrame | None:
-    """The run's test rows of predictions.csv, or None when the file is missing or unreadable."""
-    try:
-        predictions = store.predictions(run["run_id"])
-    except (OSError, ValueError):
-        return None
-    return predictions[predictions["split"] == "test"]
-
-
 def tested_on_same_images(runs: list[dict]) -> bool:
     """True when every run has the same split fingerprint, so that paired comparisons are valid."""
     fingerprints = {(run.get("dataset") or {}).get("split_fingerprint") for run in runs}
     return len(fingerprints) <= 1 and None not in fingerprints
 
 
-def comparison_table(runs: list[dict], store: RunStore | None = None, resamples: int = DEFAULT_RESAMPLES,
+def comparison_table(runs: list[dict], store: RunStore, resamples: int = DEFAULT_RESAMPLES,
                      seed: int = DEFAULT_SEED) -> pd.DataFrame:
-    """One row per run: Model, Run, then for each column of COMPARISON_COLUMNS its value and the
-    bounds of its 95% bootstrap interval ('<title> low', '<title> high'; NaN where unavailable).
-    Train accuracy has no interval: training predictions are not stored."""
-    rows = []
-    for run in runs:
-        metrics = run.get("metrics") or {}
-        threshold = float((run.get("config") or {}).get("threshold", 0.5))
-        predictions = test_predictions(store, run) if store is not None and resamples > 0 else None
-        intervals = (bootstrap_metrics(predictions["label"].to_numpy(), predictions["prob_malignant"].to_numpy(),
-                                       threshold, resamples, seed)
-                     if predictions is not None and len(predictions) else {})
-        row = {"Model": get_model_spec(run["model"]).display_name, "Run": run["run_id"]}
-        for title, block, name in COMPARISON_COLUMNS:
-            interval = intervals.get(name) if block == "test" else None
-            stored_value = (metrics.get(block) or {}).get(name)
-            row[title] = interval.value if interval else (math.nan if stored_value is None else float(stored_value))
-            row[f"{title} low"] = interval.low if interval else math.nan
-            row[f"{title} high"] = interval.high if interval else math.nan
-        rows.append(row)
+    """One row per run with readable predictions: Model, Run, then for each column of
+    COMPARISON_COLUMNS its value and the bounds of its 95% bootstrap interval ('<title> low',
+    '<title> high'; NaN for train accuracy, whose predictions are not stored)."""
+    table = build_comparison(store, runs, resamples=resamples, seed=seed).table
     columns = ["Model", "Run"] + [f"{title}{part}" for title, _, _ in COMPARISON_COLUMNS
                                   for part in ("", " low", " high")]
-    return pd.DataFrame(rows, columns=columns)
+    return table.reindex(columns=columns)
 
 
 def with_intervals_as_text(table: pd.DataFrame, digits: int = 4) -> pd.DataFrame:
