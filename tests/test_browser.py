@@ -34,9 +34,14 @@ def free_port() -> int:
 
 
 @pytest.fixture
-def dashboard(tmp_path):
+def runs_dir(tmp_path):
+    return tmp_path / "runs"
+
+
+@pytest.fixture
+def dashboard(runs_dir):
     port = free_port()
-    environment = {**os.environ, "SKIN_RUNS_DIR": str(tmp_path / "runs")}
+    environment = {**os.environ, "SKIN_RUNS_DIR": str(runs_dir)}
     server = subprocess.Popen(
         [sys.executable, "-m", "streamlit", "run", "streamlit_app.py", "--server.headless", "true",
          "--server.port", str(port), "--server.address", "127.0.0.1"],
@@ -90,6 +95,12 @@ def test_a_tiny_run_from_the_train_page_ends_in_the_run_table(dashboard, page):
     ARTIFACTS.mkdir(exist_ok=True)
     page.goto(dashboard)
     page.get_by_role("heading", name="Data", level=1).wait_for(timeout=60_000)
+    go_to(page, "Compare")
+    page.get_by_text("Train models first").wait_for(timeout=30_000)
+    page.get_by_role("link", name="Go to the Train page").wait_for(timeout=10_000)
+    no_exceptions(page)
+    page.screenshot(path=str(ARTIFACTS / "compare-empty.png"), full_page=True)
+    go_to(page, "Data")
     set_number(page, "Images", 60)
     page.get_by_text("Using built-in synthetic set (60 images").wait_for(timeout=60_000)
     no_exceptions(page)
@@ -109,3 +120,43 @@ def test_a_tiny_run_from_the_train_page_ends_in_the_run_table(dashboard, page):
         go_to(page, title)
         no_exceptions(page)
         page.screenshot(path=str(ARTIFACTS / f"{title.lower()}.png"), full_page=True)
+
+
+@pytest.fixture
+def five_runs(runs_dir):
+    """Five tiny runs of the five models on one synthetic split, made by the engine before the server starts."""
+    import dataclasses
+
+    from core.config import DataSpec, TrainConfig
+    from core.datasets import prepare_data
+    from core.runs import RunStore
+    from core.training import run_training
+
+    store = RunStore(runs_dir)
+    config = TrainConfig(epochs=2, batch_size=16, image_size=32, pretrained=False, precision="fp32")
+    data = prepare_data(DataSpec(synthetic_count=120, synthetic_image_size=64), config, store.cache_dir)
+    for model in ("resnet18", "resnet50", "densenet121", "efficientnet_b0", "hybrid_sresnet"):
+        run_training(dataclasses.replace(config, model=model), data, store)
+    return store
+
+
+def test_compare_page_with_five_runs_and_its_html_report(five_runs, dashboard, page, tmp_path):
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.goto(dashboard)
+    page.get_by_role("heading", name="Data", level=1).wait_for(timeout=60_000)
+    go_to(page, "Compare")
+    page.locator(".js-plotly-plot").nth(9).wait_for(timeout=60_000)
+    no_exceptions(page)
+    assert page.locator(".js-plotly-plot").count() == 10
+    page.wait_for_timeout(1000)
+    page.screenshot(path=str(ARTIFACTS / "compare.png"), full_page=True)
+    page.get_by_role("button", name="Build the HTML report").click()
+    with page.expect_download(timeout=60_000) as download:
+        page.get_by_role("button", name="Download the HTML report").click()
+    report = tmp_path / "report.html"
+    download.value.save_as(report)
+    viewer = page.context.browser.new_page()
+    viewer.goto(report.as_uri())
+    viewer.locator(".js-plotly-plot").nth(9).wait_for(timeout=60_000)
+    assert viewer.locator(".js-plotly-plot").count() == 10, "every figure of the page is in the report"
+    viewer.screenshot(path=str(ARTIFACTS / "report.png"), full_page=True)

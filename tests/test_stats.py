@@ -147,3 +147,14 @@ def test_partial_auc_above_80_percent_sensitivity():
     grid = np.linspace(0.8, 1, 20001)
     numeric = np.trapezoid(1 - np.interp(grid, tpr, fpr), grid)
     assert partial_auc_above_sensitivity(labels, scores) == pytest.approx(numeric, abs=2e-3)
+
+
+def test_auc_of_hanley_and_mcneils_published_ct_example():
+    """Hanley & McNeil (1982), Radiology 143:29-36, Table 1: 109 CT images rated 1-5 by a
+    radiologist; the published area (Wilcoxon) is 0.893."""
+    normal, abnormal = [33, 6, 6, 11, 2], [3, 2, 2, 11, 33]
+    ratings = np.concatenate([np.repeat(np.arange(1, 6), normal), np.repeat(np.arange(1, 6), abnormal)]).astype(float)
+    labels = np.array([0] * sum(normal) + [1] * sum(abnormal))
+    assert compute_metrics(labels, ratings / 5)["auc"] == pytest.approx(0.893, abs=5e-4)
+    indices = np.arange(len(labels))[None, :]
+    assert resampled_auc(labels, ratings, indices)[0] == pytest.approx(0.893, abs=5e-4)
