@@ -18,10 +18,19 @@ from core.compare import (
     comparison_figures,
     default_comparison_runs,
 )
+from core.datasets import DatasetError
 from core.models import get_model_spec
 from core.report import write_html_report
 from core.runs import RunStore
-from pages.common import persistent, require_entrypoint, run_store
+from pages.common import (
+    DATA_SPEC,
+    current_config,
+    current_data_spec,
+    persistent,
+    prepared_for,
+    require_entrypoint,
+    run_store,
+)
 
 LOWER_IS_BETTER = {"ECE", "Brier"}
 
@@ -38,14 +47,27 @@ def run_label(run: dict) -> str:
     return f"{get_model_spec(run['model']).display_name} · {run['run_id']}"
 
 
+def current_dataset_fingerprint(completed: list[dict]) -> str | None:
+    """The dataset chosen on the Data page if runs exist on it, else the newest run's dataset."""
+    fingerprints = [(run.get("dataset") or {}).get("fingerprint") for run in completed]
+    if DATA_SPEC in st.session_state:  # only then is the prepared dataset already cached
+        try:
+            chosen = prepared_for(current_data_spec(), current_config()).fingerprint
+        except (DatasetError, ValueError, OSError):
+            chosen = None
+        if chosen in fingerprints:
+            return chosen
+    return fingerprints[0] if fingerprints else None
+
+
 def choose_runs(runs: list[dict]) -> list[dict]:
     completed = [run for run in runs if run.get("status") in ("completed", "stopped") and run.get("metrics")]
-    newest_fingerprint = (completed[0].get("dataset") or {}).get("fingerprint") if completed else None
-    default = [run["run_id"] for run in default_comparison_runs(completed, newest_fingerprint)]
+    default = [run["run_id"] for run in default_comparison_runs(completed, current_dataset_fingerprint(completed))]
     by_id = {run["run_id"]: run for run in completed}
     chosen = st.multiselect("Runs", list(by_id), default=default, key="compare.runs",
                             format_func=lambda run_id: run_label(by_id[run_id]),
-                            help="Default: the newest completed run of each model on the newest dataset.")
+                            help="Default: the newest completed run of each model on the dataset chosen on the "
+                                 "Data page (or on the newest run's dataset).")
     return [by_id[run_id] for run_id in chosen]
 
 
