@@ -134,6 +134,17 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--report", metavar="PATH.html",
                          help="also write the Compare page (table, figures, tests) as one self-contained HTML file")
     compare.add_argument("--runs-dir", default=str(default_runs_dir()))
+    explain = commands.add_parser("explain", help="CAMs of the five models on one image, as a PNG figure",
+                                  description="The Explain page's figure, headless: heatmap and contour overlays "
+                                              "of each run's CAM of one image.")
+    explain.add_argument("--image", required=True, help="a JPEG or PNG file")
+    explain.add_argument("--runs", nargs="+", metavar="RUN_ID", help="default: newest completed run of each model")
+    explain.add_argument("--method", default="gradcam", help="gradcam, gradcam++, hirescam, xgradcam, layercam, "
+                                                             "eigencam, scorecam, ablationcam")
+    explain.add_argument("--target", default="predicted", choices=["predicted", "malignant", "benign"])
+    explain.add_argument("--shared-scale", action="store_true", help="one colour scale for all maps")
+    explain.add_argument("--out", default=".", help="folder for the PNG and a JSON summary")
+    explain.add_argument("--runs-dir", default=str(default_runs_dir()))
     return parser
 
 
@@ -240,9 +251,47 @@ def command_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def command_explain(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from PIL import Image
+
+    from core.cams import CAM_METHODS, CamExplainer, explain_image, explanation_panels, load_trained_model
+    from core.figures import labelled_grid
+    from core.images import ImageError, decode_image
+
+    if args.method not in CAM_METHODS:
+        raise ValueError(f"unknown CAM method {args.method!r} (choose from {', '.join(CAM_METHODS)})")
+    store = RunStore(args.runs_dir)
+    runs = [store.load(run_id) for run_id in args.runs] if args.runs else default_comparison_runs(store.list_runs())
+    if not runs or any(run is None for run in runs):
+        raise ValueError(f"no such run(s) in {args.runs_dir}" if args.runs else f"no completed runs in {args.runs_dir}")
+    try:
+        image = decode_image(args.image, 224)
+    except ImageError as error:
+        raise ValueError(f"cannot read {args.image}: {error}") from None
+    explainers = [(CamExplainer(load_trained_model(run, store.model_path(run["run_id"])), run["model"]),
+                   int(run["config"]["image_size"])) for run in runs]
+    target = {"predicted": "predicted", "malignant": 1, "benign": 0}[args.target]
+    explained = explain_image(explainers, image, args.method, target)
+    figure = labelled_grid(explanation_panels(explained, shared_scale=args.shared_scale))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = f"{Path(args.image).stem}-{args.method}"
+    Image.fromarray(figure).save(out / f"{stem}.png")
+    summary = [{"run_id": run["run_id"], "model": run["model"], "prob_malignant": result.probability,
+                "target_class": result.target_class, "all_zero": result.all_zero}
+               for run, result in zip(runs, explained.results)]
+    (out / f"{stem}.json").write_text(json.dumps(summary, indent=2))
+    print(out / f"{stem}.png")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    commands = {"train": command_train, "list": command_list, "compare": command_compare}
+    commands = {"train": command_train, "list": command_list, "compare": command_compare,
+                "explain": command_explain}
     try:
         return commands[args.command](args)
     except (DatasetError, RunStoreError, ValueError) as error:

@@ -177,3 +177,39 @@ def p_value_matrix_figure(names: list[str], p_values: np.ndarray, title: str) ->
     figure.update_yaxes(autorange="reversed")
     figure.update_layout(title=title, height=360, margin=dict(l=10, r=10, t=40, b=10))
     return figure
+
+
+def pairwise_matrix_figure(names: list[str], matrix: np.ndarray, title: str, zmin: float = 0.0,
+                           zmax: float = 1.0) -> go.Figure:
+    """A symmetric matrix of pairwise values (agreement between maps), annotated."""
+    text = [[f"{matrix[i, j]:.2f}" if np.isfinite(matrix[i, j]) else "--" for j in range(len(names))]
+            for i in range(len(names))]
+    figure = go.Figure(go.Heatmap(z=matrix, x=names, y=names, text=text, texttemplate="%{text}", zmin=zmin,
+                                  zmax=zmax, colorscale="Blues", showscale=False,
+                                  hovertemplate="%{y} vs %{x}: %{text}<extra></extra>"))
+    figure.update_yaxes(autorange="reversed")
+    figure.update_layout(title=title, height=340, margin=dict(l=10, r=10, t=40, b=10))
+    return figure
+
+
+def labelled_grid(panels: list[tuple[str, str, list[np.ndarray]]], tile: int = 224) -> np.ndarray:
+    """A figure as one RGB image: one column per panel (title, subtitle, images stacked downwards).
+    Used for the Explain page's PNG download and `python -m core explain`."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    rows = max(len(images) for _, _, images in panels)
+    header, gap = 48, 6
+    canvas = Image.new("RGB", (len(panels) * (tile + gap) + gap, header + rows * (tile + gap) + gap), "white")
+    draw = ImageDraw.Draw(canvas)
+    try:
+        title_font, text_font = ImageFont.load_default(size=16), ImageFont.load_default(size=12)
+    except TypeError:  # Pillow < 10.1 has one fixed-size default font
+        title_font = text_font = ImageFont.load_default()
+    for column, (title, subtitle, images) in enumerate(panels):
+        left = gap + column * (tile + gap)
+        draw.text((left, 6), title, fill="black", font=title_font)
+        draw.text((left, 28), subtitle, fill="#444444", font=text_font)
+        for row, image in enumerate(images):
+            picture = Image.fromarray(image).resize((tile, tile), Image.Resampling.BILINEAR)
+            canvas.paste(picture, (left, header + row * (tile + gap)))
+    return np.asarray(canvas)

@@ -1,0 +1,280 @@
+"""Class activation maps of trained models with the grad-cam package, and measures of their quality.
+
+A `CamExplainer` owns a private, frozen copy of a model: the caller's model is never switched to
+eval mode, never gets hooks and never has its gradients zeroed. Its target layer's output is made a
+gradient leaf, so a backward pass runs only through the layers after it (the weights need no
+gradients), and a lock keeps two sessions from interleaving their hooks on a shared model.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+from pytorch_grad_cam import (
+    AblationCAM,
+    EigenCAM,
+    GradCAM,
+    GradCAMPlusPlus,
+    HiResCAM,
+    LayerCAM,
+    ScoreCAM,
+    XGradCAM,
+)
+from pytorch_grad_cam.metrics.road import ROADCombined
+from pytorch_grad_cam.utils.image import show_cam_on_image
+from pytorch_grad_cam.utils.model_targets import ClassifierOutputSoftmaxTarget, ClassifierOutputTarget
+from scipy import stats as scipy_stats
+from torch import nn
+
+from core.augment import normalise
+from core.models import build_model, get_model_spec
+
+
+class RawScale:
+    """Keeps each map's own magnitude instead of grad-cam's per-image min-max scaling, so that the maps
+    of several models can share one colour scale; maps are only resized to the input size."""
+
+    def compute_cam_per_layer(self, input_tensor, targets, eigen_smooth):
+        activations = [a.cpu().data.numpy() for a in self.activations_and_grads.activations]
+        gradients = [g.cpu().data.numpy() for g in self.activations_and_grads.gradients]
+        width, height = self.get_target_width_height(input_tensor)
+        per_layer = []
+        for index, layer in enumerate(self.target_layers):
+            cam = self.get_cam_image(input_tensor, layer, targets, activations[index] if index < len(activations)
+                                     else None, gradients[index] if index < len(gradients) else None, eigen_smooth)
+            cam = np.maximum(cam, 0).astype(np.float32)
+            per_layer.append(np.stack([cv2.resize(single, (width, height)) for single in cam])[:, None])
+        return per_layer
+
+    def aggregate_multi_layers(self, cam_per_target_layer):
+        return np.maximum(np.concatenate(cam_per_target_layer, axis=1), 0).mean(axis=1)
+
+
+@dataclass(frozen=True)
+class CamMethod:
+    name: str
+    display_name: str
+    cam_class: type
+    slow: bool = False  # many forward passes: run in the background
+
+
+CAM_METHODS = {method.name: method for method in (
+    CamMethod("gradcam", "Grad-CAM", GradCAM),
+    CamMethod("gradcam++", "Grad-CAM++", GradCAMPlusPlus),
+    CamMethod("hirescam", "HiResCAM", HiResCAM),
+    CamMethod("xgradcam", "XGrad-CAM", XGradCAM),
+    CamMethod("layercam", "LayerCAM", LayerCAM),
+    CamMethod("eigencam", "EigenCAM", EigenCAM),
+    CamMethod("scorecam", "Score-CAM", ScoreCAM, slow=True),
+    CamMethod("ablationcam", "Ablation-CAM", AblationCAM, slow=True),
+)}
+FAST_METHODS = tuple(name for name, method in CAM_METHODS.items() if not method.slow)
+_RAW_CLASSES = {name: type(f"Raw{method.cam_class.__name__}", (RawScale, method.cam_class), {})
+                for name, method in CAM_METHODS.items()}
+
+
+@dataclass
+class CamResult:
+    model: str
+    cam: np.ndarray  # H x W, float32, >= 0, in the model's own units (not scaled)
+    probability: float  # P(malignant)
+    target_class: int
+    method: str
+
+    @property
+    def predicted_class(self) -> int:
+        return int(self.probability >= 0.5)
+
+    @property
+    def all_zero(self) -> bool:
+        return float(self.cam.max()) <= 1e-12
+
+    def normalised(self, scale: float | None = None) -> np.ndarray:
+        """The map in [0, 1]: divided by its own maximum, or by `scale` (a shared maximum)."""
+        top = scale if scale is not None else float(self.cam.max())
+        return np.clip(self.cam / top, 0, 1) if top > 1e-12 else np.zeros_like(self.cam)
+
+
+class CamExplainer:
+    """CAMs of one model; safe to share between threads."""
+
+    def __init__(self, model: nn.Module, model_name: str) -> None:
+        self.model_name = model_name
+        self.model = copy.deepcopy(model).float().to(memory_format=torch.contiguous_format).eval()
+        for parameter in self.model.parameters():
+            parameter.requires_grad_(False)
+        self.target_layer = get_model_spec(model_name).target_layer(self.model)
+        self.target_layer.register_forward_hook(self._gradient_leaf)
+        self._lock = threading.Lock()
+        self._method: str | None = None
+        self._cam = None
+
+    @staticmethod
+    def _gradient_leaf(module, inputs, output):
+        # Backward starts at the logits and stops here: no weight gradients, no work below the layer.
+        return output.detach().requires_grad_(True)
+
+    def _cam_object(self, method: str):
+        if method not in CAM_METHODS:
+            raise ValueError(f"unknown CAM method {method!r} (choose from {', '.join(CAM_METHODS)})")
+        if method != self._method:
+            if self._cam is not None:
+                self._cam.activations_and_grads.release()
+            self._cam = _RAW_CLASSES[method](model=self.model, target_layers=[self.target_layer])
+            self._method = method
+        return self._cam
+
+    def explain(self, image: torch.Tensor, method: str = "gradcam", target: str | int = "predicted") -> CamResult:
+        """The map of one normalised image (1 x 3 x H x W). target: 'predicted', 0 (benign) or 1 (malignant)."""
+        with self._lock:
+            cam = self._cam_object(method)
+            # targets=None makes grad-cam explain its own argmax: one forward pass serves both.
+            targets = None if target == "predicted" else [ClassifierOutputTarget(int(target))]
+            maps = cam(input_tensor=image, targets=targets)
+            logits = cam.outputs.detach().float()
+            probability = float(torch.softmax(logits, 1)[0, 1])
+            target_class = int(logits[0].argmax()) if target == "predicted" else int(target)
+            return CamResult(self.model_name, maps[0].astype(np.float32), probability, target_class, method)
+
+    def faithfulness(self, image: torch.Tensor, result: CamResult, percentiles=(20, 40, 60, 80)) -> float:
+        """ROAD (Rong et al. 2022) combined score of the map: the confidence change when the least
+        relevant pixels are removed minus when the most relevant are removed, averaged; higher is
+        more faithful."""
+        with self._lock:
+            score = ROADCombined(percentiles=list(percentiles))(
+                image, result.normalised()[None], [ClassifierOutputSoftmaxTarget(result.target_class)], self.model)
+        return float(np.asarray(score).reshape(-1)[0])
+
+
+def load_trained_model(run: dict, model_path: Path | str) -> nn.Module:
+    """A stored run's model with its best weights (torch.load with weights_only=True)."""
+    config = run.get("config") or {}
+    model, _ = build_model(run["model"], dropout=float(config.get("dropout", 0.0)), pretrained=False)
+    try:
+        state_dict = torch.load(model_path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise ValueError(f"run {run['run_id']} has no model.pt") from None
+    except Exception as error:  # noqa: BLE001 - a file that would run code, or a damaged one
+        raise ValueError(f"run {run['run_id']}: model.pt is not a plain state_dict ({error})") from None
+    model.load_state_dict(state_dict)
+    return model.eval()
+
+
+def image_tensor(image_uint8: np.ndarray) -> torch.Tensor:
+    """H x W x 3 uint8 -> 1 x 3 x H x W normalised float32."""
+    tensor = torch.from_numpy(np.array(image_uint8, dtype=np.uint8)).permute(2, 0, 1)[None].float() / 255
+    return normalise(tensor)
+
+
+COLOUR_MAPS = {"jet": cv2.COLORMAP_JET, "turbo": cv2.COLORMAP_TURBO, "inferno": cv2.COLORMAP_INFERNO,
+               "viridis": cv2.COLORMAP_VIRIDIS, "hot": cv2.COLORMAP_HOT}
+
+
+def overlay(image_uint8: np.ndarray, heat: np.ndarray, opacity: float = 0.5, colour_map: str = "jet") -> np.ndarray:
+    """The map (in [0, 1]) over the image as a heatmap, uint8 RGB."""
+    return show_cam_on_image(image_uint8.astype(np.float32) / 255, heat, use_rgb=True,
+                             colormap=COLOUR_MAPS[colour_map], image_weight=1 - opacity)
+
+
+def contour_overlay(image_uint8: np.ndarray, heat: np.ndarray, levels=(0.25, 0.5, 0.75)) -> np.ndarray:
+    """The paper's contour view: iso-lines of the map drawn on the image (brighter = higher level)."""
+    drawn = image_uint8.copy()
+    thickness = max(1, image_uint8.shape[0] // 150)
+    for level, colour in zip(levels, ((255, 235, 59), (255, 152, 0), (244, 67, 54))):
+        contours, _ = cv2.findContours((heat >= level).astype(np.uint8), cv2.RETR_LIST, cv2.CHAIN_APPROX_NONE)
+        cv2.drawContours(drawn, contours, -1, colour, thickness)
+    return drawn
+
+
+def rank_correlation(first: np.ndarray, second: np.ndarray) -> float:
+    if first.std() == 0 or second.std() == 0:
+        return math.nan
+    return float(scipy_stats.spearmanr(first.ravel(), second.ravel()).statistic)
+
+
+def top_share_iou(first: np.ndarray, second: np.ndarray, share: float = 0.2) -> float:
+    """Intersection over union of the top `share` of pixels of two maps."""
+    def top(heat):
+        return heat >= np.quantile(heat, 1 - share) if heat.max() > 0 else np.zeros_like(heat, dtype=bool)
+
+    a, b = top(first), top(second)
+    union = (a | b).sum()
+    return float((a & b).sum() / union) if union else math.nan
+
+
+def agreement_matrices(results: list[CamResult]) -> tuple[np.ndarray, np.ndarray]:
+    """Pairwise rank correlation and top-20% IoU of the maps."""
+    count = len(results)
+    correlation, iou = np.eye(count), np.eye(count)
+    for i in range(count):
+        for j in range(i + 1, count):
+            correlation[i, j] = correlation[j, i] = rank_correlation(results[i].cam, results[j].cam)
+            iou[i, j] = iou[j, i] = top_share_iou(results[i].cam, results[j].cam)
+    return correlation, iou
+
+
+def energy_inside(cam: np.ndarray, mask: np.ndarray) -> float:
+    """Share of the map's total energy inside the lesion mask (NaN for an all-zero map)."""
+    total = float(cam.sum())
+    return float((cam * (mask > 0)).sum() / total) if total > 0 else math.nan
+
+
+def pointing_game_hit(cam: np.ndarray, mask: np.ndarray) -> bool:
+    """Whether the map's maximum falls inside the lesion mask."""
+    row, column = np.unravel_index(int(np.argmax(cam)), cam.shape)
+    return bool(mask[row, column] > 0)
+
+
+@dataclass
+class ExplainedImage:
+    """The maps of several models on one image, ready to show or save."""
+
+    image: np.ndarray  # H x W x 3 uint8 at display size
+    results: list[CamResult]
+    mask: np.ndarray | None = None
+
+
+def explain_image(explainers: list[tuple[CamExplainer, int]], image_uint8: np.ndarray, method: str = "gradcam",
+                  target: str | int = "predicted", mask: np.ndarray | None = None) -> ExplainedImage:
+    """Every model's map of one image; each model sees the image at its own training size and its
+    map is resized back to the image's size."""
+    from PIL import Image
+
+    results = []
+    height, width = image_uint8.shape[:2]
+    for explainer, size in explainers:
+        resized = image_uint8 if image_uint8.shape[:2] == (size, size) else np.asarray(
+            Image.fromarray(image_uint8).resize((size, size), Image.Resampling.BILINEAR))
+        result = explainer.explain(image_tensor(resized), method, target)
+        if result.cam.shape != (height, width):
+            result.cam = cv2.resize(result.cam, (width, height))
+        results.append(result)
+    return ExplainedImage(image_uint8, results, mask)
+
+
+def explanation_panels(explained: ExplainedImage, opacity: float = 0.5, colour_map: str = "jet",
+                       shared_scale: bool = False, show_mask: bool = False) -> list[tuple[str, str, list[np.ndarray]]]:
+    """(title, subtitle, [heatmap overlay, contour overlay]) per model."""
+    from core.figures import outline_mask
+
+    scale = max((float(r.cam.max()) for r in explained.results), default=0.0) if shared_scale else None
+    base = explained.image
+    if show_mask and explained.mask is not None:
+        base = outline_mask(base, explained.mask)
+    panels = []
+    for result in explained.results:
+        heat = result.normalised(scale)
+        called = "malignant" if result.predicted_class else "benign"
+        subtitle = f"P(malignant) {result.probability:.3f} -> {called}"
+        if result.all_zero:
+            subtitle += " | all-zero map"
+        panels.append((get_model_spec(result.model).display_name, subtitle,
+                       [overlay(base, heat, opacity, colour_map), contour_overlay(base, heat)]))
+    return panels
