@@ -96,6 +96,12 @@ class CamResult:
     def all_zero(self) -> bool:
         return float(self.cam.max()) <= 1e-12
 
+    @property
+    def uniform(self) -> bool:
+        """A flat map carries no location: typical when the last feature map is 1 x 1 (tiny inputs)."""
+        top = float(self.cam.max())
+        return top > 1e-12 and float(self.cam.min()) >= 0.98 * top
+
     def normalised(self, scale: float | None = None) -> np.ndarray:
         """The map in [0, 1]: divided by its own maximum, or by `scale` (a shared maximum)."""
         top = scale if scale is not None else float(self.cam.max())
@@ -275,6 +281,8 @@ def explanation_panels(explained: ExplainedImage, opacity: float = 0.5, colour_m
         subtitle = f"P(malignant) {result.probability:.3f} -> {called}"
         if result.all_zero:
             subtitle += " | all-zero map"
+        elif result.uniform:
+            subtitle += " | uniform map"
         panels.append((get_model_spec(result.model).display_name, subtitle,
                        [overlay(base, heat, opacity, colour_map), contour_overlay(base, heat)]))
     return panels

@@ -160,3 +160,21 @@ def test_compare_page_with_five_runs_and_its_html_report(five_runs, dashboard, p
     viewer.locator(".js-plotly-plot").nth(9).wait_for(timeout=60_000)
     assert viewer.locator(".js-plotly-plot").count() == 10, "every figure of the page is in the report"
     viewer.screenshot(path=str(ARTIFACTS / "report.png"), full_page=True)
+
+    go_to(page, "Explain")
+    page.get_by_text("Download the figure").wait_for(timeout=120_000)
+    no_exceptions(page)
+    assert page.get_by_text("P(malignant)").count() >= 5, "one caption per model"
+    page.screenshot(path=str(ARTIFACTS / "explain.png"), full_page=True)
+    page.get_by_text("Upload", exact=True).click()
+    uploader = page.locator("[data-testid='stFileUploaderDropzoneInput']")
+    uploader.set_input_files(files=[{"name": "notes.png", "mimeType": "image/png", "buffer": b"not an image"}])
+    page.get_by_text("Cannot use notes.png").wait_for(timeout=30_000)
+    no_exceptions(page)
+    rgba = tmp_path / "rgba.png"
+    from PIL import Image
+
+    Image.new("RGBA", (300, 200), (180, 120, 90, 128)).save(rgba)
+    uploader.set_input_files(str(rgba))
+    page.get_by_text("Download the figure").wait_for(timeout=120_000)
+    no_exceptions(page)

@@ -30,7 +30,7 @@ def open_page(app: AppTest, page: str) -> AppTest:
     return app
 
 
-@pytest.mark.parametrize("page", ["explain", "tune", "ablation"])
+@pytest.mark.parametrize("page", ["tune", "ablation"])
 def test_pages_not_built_yet_say_so(app, page):
     open_page(app, page)
     assert "Not built yet" in app.info[0].value

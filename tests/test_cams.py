@@ -1,0 +1,218 @@
+"""Class activation maps: every model and fast method, the caller's model untouched, sessions kept
+apart, localisation on the synthetic lesions, the CLI and the Explain page."""
+
+import dataclasses
+import io
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from streamlit.testing.v1 import AppTest
+
+from core.cams import (
+    FAST_METHODS,
+    CamExplainer,
+    agreement_matrices,
+    contour_overlay,
+    energy_inside,
+    explain_image,
+    image_tensor,
+    overlay,
+    pointing_game_hit,
+    top_share_iou,
+)
+from core.cli import main
+from core.datasets import prepare_data
+from core.models import MODEL_REGISTRY, build_model
+from core.training import run_training
+from tests.conftest import TINY_CONFIG, TINY_SYNTHETIC
+
+APP = str(Path(__file__).resolve().parents[1] / "streamlit_app.py")
+
+
+@pytest.mark.parametrize("name", list(MODEL_REGISTRY))
+def test_every_model_and_fast_method_gives_a_map_of_the_image_size(name):
+    model, _ = build_model(name, pretrained=False)
+    explainer = CamExplainer(model, name)
+    image = torch.randn(1, 3, 48, 48)
+    for method in FAST_METHODS:
+        result = explainer.explain(image, method, target=1)
+        assert result.cam.shape == (48, 48) and np.isfinite(result.cam).all() and result.cam.min() >= 0
+        heat = result.normalised()
+        assert heat.min() >= 0 and heat.max() <= 1
+        assert 0 <= result.probability <= 1 and result.target_class == 1
+
+
+def test_a_slow_method_runs():
+    model, _ = build_model("resnet18", pretrained=False)
+    result = CamExplainer(model, "resnet18").explain(torch.randn(1, 3, 32, 32), "scorecam")
+    assert result.cam.shape == (32, 32)
+
+
+def test_the_callers_model_is_unchanged():
+    model, _ = build_model("densenet121", pretrained=False)
+    model.train()
+    before = {key: value.clone() for key, value in model.state_dict().items()}
+    CamExplainer(model, "densenet121").explain(torch.randn(1, 3, 32, 32))
+    assert model.training, "still in training mode"
+    assert all(parameter.requires_grad and parameter.grad is None for parameter in model.parameters())
+    assert all(torch.equal(before[key], value) for key, value in model.state_dict().items())
+    assert not any(module._forward_hooks or module._backward_hooks for module in model.modules())
+
+
+def test_two_sessions_on_one_model_get_their_own_maps():
+    model, _ = build_model("resnet18", pretrained=False)
+    explainer = CamExplainer(model, "resnet18")
+    images = [torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(seed)) for seed in (1, 2)]
+    expected = [explainer.explain(image, "gradcam", target=1).cam for image in images]
+    assert not np.allclose(expected[0], expected[1])
+    failures = []
+
+    def session(index):
+        for _ in range(8):
+            cam = explainer.explain(images[index], "gradcam", target=1).cam
+            if not np.allclose(cam, expected[index], atol=1e-5):
+                failures.append(index)
+
+    threads = [threading.Thread(target=session, args=(index,)) for index in (0, 1, 0, 1)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not failures
+
+
+def test_measures_on_constructed_maps():
+    mask = np.zeros((10, 10), dtype=np.uint8)
+    mask[2:5, 2:5] = 1
+    inside = np.zeros((10, 10), dtype=np.float32)
+    inside[3, 3] = 1.0
+    assert energy_inside(inside, mask) == 1.0 and pointing_game_hit(inside, mask)
+    assert np.isnan(energy_inside(np.zeros((10, 10)), mask))
+    ramp = np.tile(np.arange(10, dtype=np.float32), (10, 1))
+    assert top_share_iou(ramp, ramp) == 1.0 and top_share_iou(ramp, ramp[:, ::-1]) == 0.0
+    image = np.full((10, 10, 3), 128, dtype=np.uint8)
+    from core.cams import CamResult
+
+    assert CamResult("resnet18", np.full((4, 4), 0.3, np.float32), 0.6, 1, "gradcam").uniform
+    assert not CamResult("resnet18", ramp, 0.6, 1, "gradcam").uniform
+    assert overlay(image, ramp / 9).shape == (10, 10, 3) and contour_overlay(image, ramp / 9).shape == (10, 10, 3)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """The Hybrid S-ResNet trained for a few epochs on the synthetic set at 96 px (at 64 px the last
+    feature map is 2 x 2 and no CAM can localise)."""
+    from core.runs import RunStore
+
+    store = RunStore(tmp_path_factory.mktemp("cams") / "runs")
+    spec = dataclasses.replace(TINY_SYNTHETIC, synthetic_count=300, synthetic_image_size=96)
+    config = dataclasses.replace(TINY_CONFIG, model="hybrid_sresnet", epochs=6, image_size=96, batch_size=16,
+                                 precision="auto")
+    data = prepare_data(spec, config, store.cache_dir)
+    run = run_training(config, data, store)
+    return store, run, data
+
+
+def test_a_trained_model_looks_at_the_lesion_more_than_a_random_map(trained):
+    from core.cams import load_trained_model
+
+    store, run, data = trained
+    assert run["metrics"]["test"]["auc"] > 0.8
+    explainer = CamExplainer(load_trained_model(run, store.model_path(run["run_id"])), "hybrid_sresnet")
+    malignant = [row for row in data.indices("test") if data.table["label"].iloc[row] == 1]
+    rng = np.random.default_rng(0)
+    ours, random_maps = [], []
+    for row in malignant:
+        result = explainer.explain(image_tensor(data.images[row]), "gradcam", target=1)
+        if result.all_zero:
+            continue
+        ours.append(energy_inside(result.cam, data.masks[row]))
+        random_maps.append(energy_inside(rng.random(result.cam.shape), data.masks[row]))
+    assert len(ours) >= 5
+    print(f"CAM energy inside the lesion: {np.mean(ours):.3f}, random maps: {np.mean(random_maps):.3f}")
+    assert np.mean(ours) > np.mean(random_maps) + 0.03
+
+
+def test_cli_explain_writes_the_figure(trained, tmp_path):
+    store, run, data = trained
+    Image.fromarray(data.images[0]).save(tmp_path / "lesion.png")
+    assert main(["explain", "--image", str(tmp_path / "lesion.png"), "--runs-dir", str(store.root),
+                 "--out", str(tmp_path / "out"), "--method", "gradcam++"]) == 0
+    figure = Image.open(tmp_path / "out" / "lesion-gradcam++.png")
+    assert figure.width > 224 and figure.height > 2 * 224
+    (tmp_path / "bad.png").write_bytes(b"not an image")
+    assert main(["explain", "--image", str(tmp_path / "bad.png"), "--runs-dir", str(store.root)]) == 2
+
+
+def test_explain_image_resizes_maps_back(trained):
+    store, run, data = trained
+    from core.cams import load_trained_model
+
+    explainer = CamExplainer(load_trained_model(run, store.model_path(run["run_id"])), "hybrid_sresnet")
+    big = np.asarray(Image.fromarray(data.images[0]).resize((224, 224)))
+    explained = explain_image([(explainer, 96)], big)
+    assert explained.results[0].cam.shape == (224, 224)
+    correlation, iou = agreement_matrices(explained.results * 2)
+    assert correlation[0, 1] == pytest.approx(1.0) and iou[0, 1] == pytest.approx(1.0)
+
+
+def explain_page(store, monkeypatch) -> AppTest:
+    monkeypatch.setenv("SKIN_RUNS_DIR", str(store.root))
+    app = AppTest.from_file(APP, default_timeout=120)
+    app.session_state["data.spec"] = dataclasses.replace(TINY_SYNTHETIC, synthetic_count=300, synthetic_image_size=96)
+    app.run()
+    app.switch_page("pages/explain.py").run()
+    assert not app.exception, app.exception
+    return app
+
+
+def test_explain_page_shows_the_row_and_measures(trained, monkeypatch):
+    store, run, data = trained
+    app = explain_page(store, monkeypatch)
+    assert app.get("download_button"), "the figure can be downloaded"
+    assert len(app.get("plotly_chart")) == 2, "agreement matrices"
+    assert "Localisation" in [header.value for header in app.subheader]
+    app.selectbox(key="explain.browse").set_value("Wrong").run()
+    assert not app.exception
+    app.selectbox(key="widget.cam_method").set_value("eigencam").run()
+    app.toggle(key="widget.cam_shared_scale").set_value(True).run()
+    app.selectbox(key="widget.cam_target").set_value("Benign").run()
+    assert not app.exception
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"\x89PNG\r\n\x1a\n broken", "Cannot use"),
+    (b"plain text", "Cannot use"),
+])
+def test_explain_page_bad_uploads(trained, monkeypatch, content, message):
+    store, _, _ = trained
+    app = explain_page(store, monkeypatch)
+    app.radio(key="widget.explain_source").set_value("Upload").run()
+    assert not app.exception
+    uploader = app.get("file_uploader")
+    assert uploader, "an upload widget is shown"
+    # AppTest cannot drive st.file_uploader; the decoding path it uses is tested directly instead.
+    from core.images import ImageError, decode_image
+
+    with pytest.raises(ImageError):
+        decode_image(io.BytesIO(content), 64)
+
+
+def test_grayscale_and_rgba_uploads_decode(tmp_path):
+    from core.images import decode_image
+
+    for mode in ("L", "RGBA"):
+        buffer = io.BytesIO()
+        Image.new(mode, (300, 200)).save(buffer, format="PNG")
+        assert decode_image(io.BytesIO(buffer.getvalue()), 224).shape == (224, 224, 3)
+
+
+def test_explain_page_without_runs(tmp_path, monkeypatch):
+    monkeypatch.setenv("SKIN_RUNS_DIR", str(tmp_path / "none"))
+    app = AppTest.from_file(APP, default_timeout=60).run()
+    app.switch_page("pages/explain.py").run()
+    assert not app.exception and "Train models first" in app.info[0].value
