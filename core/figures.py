@@ -213,3 +213,19 @@ def labelled_grid(panels: list[tuple[str, str, list[np.ndarray]]], tile: int = 2
             picture = Image.fromarray(image).resize((tile, tile), Image.Resampling.BILINEAR)
             canvas.paste(picture, (left, header + row * (tile + gap)))
     return np.asarray(canvas)
+
+
+def localisation_bars_figure(rows: list[dict], lesion_area: float) -> go.Figure:
+    """Mean CAM energy inside the lesion and pointing-game hit rate per model, with the lesion's
+    area as the level a map blind to the lesion would reach."""
+    names = [row["Model"] for row in rows]
+    figure = go.Figure([
+        go.Bar(name="CAM energy inside the lesion", x=names, y=[row["CAM energy inside the lesion"] for row in rows]),
+        go.Bar(name="Pointing-game hit rate", x=names, y=[row["Pointing-game hit rate"] for row in rows]),
+    ])
+    figure.add_hline(y=lesion_area, line=dict(color="#999", dash="dot"),
+                     annotation_text=f"lesion area {lesion_area:.0%} (a map blind to the lesion)")
+    figure.update_layout(barmode="group", yaxis_range=[0, 1.05], height=360, margin=dict(l=10, r=10, t=40, b=10),
+                         title="Does each model look at the lesion? (malignant class)",
+                         legend=dict(orientation="h", y=-0.15))
+    return figure

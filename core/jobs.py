@@ -201,3 +201,43 @@ def shared_queue(store: RunStore) -> JobQueue:
         if key not in _queues:
             _queues[key] = JobQueue(store)
         return _queues[key]
+
+
+class BackgroundTask:
+    """One function run on a thread, with progress the page can poll (slow CAM methods, batch
+    measures). The function gets `report(done, total)` and `stop` (an Event) and returns a result."""
+
+    def __init__(self, function, *args, **kwargs) -> None:
+        self._lock = threading.Lock()
+        self.done, self.total = 0, 1
+        self.result, self.error = None, None
+        self.stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(function, args, kwargs), daemon=True,
+                                        name="background-task")
+        self._thread.start()
+
+    def _report(self, done: int, total: int) -> None:
+        with self._lock:
+            self.done, self.total = done, max(total, 1)
+
+    def _run(self, function, args, kwargs) -> None:
+        try:
+            result = function(*args, report=self._report, stop=self.stop, **kwargs)
+            with self._lock:
+                self.result = result
+        except Exception as failure:  # noqa: BLE001 - shown on the page instead of lost in a thread
+            with self._lock:
+                self.error = f"{type(failure).__name__}: {failure}"
+
+    @property
+    def finished(self) -> bool:
+        return not self._thread.is_alive()
+
+    @property
+    def fraction(self) -> float:
+        with self._lock:
+            return min(self.done / self.total, 1.0)
+
+    def wait(self, timeout: float | None = None) -> bool:
+        self._thread.join(timeout)
+        return self.finished

@@ -13,18 +13,22 @@ from core.cams import (
     CAM_METHODS,
     COLOUR_MAPS,
     CamExplainer,
+    ExplainedImage,
     agreement_matrices,
+    batch_measures,
     energy_inside,
     explain_image,
     explanation_panels,
+    image_tensor,
     load_trained_model,
     pointing_game_hit,
 )
 from core.compare import default_comparison_runs
 from core.config import TrainConfig
 from core.datasets import DatasetError
-from core.figures import labelled_grid, pairwise_matrix_figure
+from core.figures import labelled_grid, localisation_bars_figure, pairwise_matrix_figure
 from core.images import ImageError, decode_image
+from core.jobs import BackgroundTask
 from core.models import get_model_spec
 from core.runs import RunStore
 from pages.common import current_data_spec, load_prepared, persistent, require_entrypoint, run_store
@@ -34,6 +38,7 @@ MAX_UPLOAD_PIXELS = 40_000_000  # larger uploads are refused before decoding
 BROWSE = ["All test images", "True benign", "True malignant", "Predicted benign", "Predicted malignant",
           "Right", "Wrong", "Most confident mistakes"]
 TARGETS = {"Predicted class": "predicted", "Malignant": 1, "Benign": 0}
+TASKS = "explain.tasks"  # background tasks of this session: slow CAM rows and batch measures, by key
 
 
 @st.cache_resource(max_entries=10, show_spinner="Loading the model ...")
@@ -56,15 +61,21 @@ def choose_runs(store: RunStore) -> list[dict]:
     return [by_id[run_id] for run_id in chosen]
 
 
-def browse_test_images(store: RunStore, reference: dict) -> tuple[np.ndarray, np.ndarray | None, str] | None:
-    """A test image of the reference run's dataset, browsable by class, prediction and mistakes."""
-    spec = current_data_spec()
+def reference_data(store: RunStore, reference: dict):
+    """The Data page's dataset, split as the reference run split it, at display size (or None)."""
     config = TrainConfig.from_dict(reference.get("config") or {})
     try:
-        data = load_prepared(spec, DISPLAY_SIZE, config.split, config.val_fraction, config.seed, config.max_images,
-                             str(store.cache_dir))
+        return load_prepared(current_data_spec(), DISPLAY_SIZE, config.split, config.val_fraction, config.seed,
+                             config.max_images, str(store.cache_dir))
     except (DatasetError, ValueError, OSError) as error:
         st.error(f"Cannot load the dataset chosen on the Data page: {error}")
+        return None
+
+
+def browse_test_images(store: RunStore, reference: dict) -> tuple[np.ndarray, np.ndarray | None, str] | None:
+    """A test image of the reference run's dataset, browsable by class, prediction and mistakes."""
+    data = reference_data(store, reference)
+    if data is None:
         return None
     predictions = store.predictions(reference["run_id"])
     test = predictions[predictions["split"] == "test"].set_index("image_id")
@@ -173,6 +184,106 @@ def show_measures(explained, names: list[str]) -> None:
                      column_config={"CAM energy inside the lesion": st.column_config.NumberColumn(format="%.2f")})
 
 
+def background(key: tuple, function, *args) -> BackgroundTask:
+    """This session's task for `key`, started on first request."""
+    tasks = st.session_state.setdefault(TASKS, {})
+    if key not in tasks:
+        tasks[key] = BackgroundTask(function, *args)
+    return tasks[key]
+
+
+@st.fragment(run_every=1.0)
+def wait_for(task: BackgroundTask, label: str) -> None:
+    """A progress bar redrawn every second; the page reruns when the task ends."""
+    if task.finished:
+        st.rerun(scope="app")
+    st.progress(task.fraction, text=f"{label}: {task.fraction:.0%}")
+    if st.button("Cancel", key=f"explain.cancel.{id(task)}"):
+        task.stop.set()
+
+
+def explain_each(explainers, image, method, target, mask, report, stop) -> ExplainedImage:
+    """One model after another, reporting progress (slow methods)."""
+    results = []
+    for index, explainer in enumerate(explainers):
+        if stop.is_set():
+            raise RuntimeError("cancelled")
+        results.extend(explain_image([explainer], image, method, target, mask).results)
+        report(index + 1, len(explainers))
+    return ExplainedImage(image, results, mask)
+
+
+def compute_row(explainers, image, mask, label: str, settings: dict, run_ids: tuple) -> ExplainedImage | None:
+    method = CAM_METHODS[settings["method"]]
+    if not method.slow:
+        with st.spinner(f"{method.display_name} of {len(explainers)} models ..."):
+            return explain_image(explainers, image, settings["method"], settings["target"], mask)
+    task = background(("row", run_ids, label, settings["method"], settings["target"]), explain_each, explainers,
+                      image, settings["method"], settings["target"], mask)
+    if not task.finished:
+        st.caption(f"{method.display_name} runs many forward passes per model; it runs in the background and the "
+                   "page stays usable.")
+        wait_for(task, f"{method.display_name} of {len(explainers)} models")
+        return None
+    if task.error:
+        st.error(f"{method.display_name} failed: {task.error}")
+        return None
+    return task.result
+
+
+def show_faithfulness(explainers, explained: ExplainedImage, names: list[str]) -> None:
+    if not st.toggle("Faithfulness (ROAD)", key="explain.faithfulness",
+                     help="Remove And Debias (Rong et al. 2022): how much the confidence drops when the pixels the "
+                          "map calls important are removed, compared with removing the unimportant ones. Higher is "
+                          "more faithful. Costs 8 forward passes per model."):
+        return
+    from PIL import Image as PilImage
+
+    rows = []
+    for name, (explainer, size), result in zip(names, explainers, explained.results):
+        image = np.asarray(PilImage.fromarray(explained.image).resize((size, size), PilImage.Resampling.BILINEAR))
+        small = type(result)(result.model, np.asarray(PilImage.fromarray(result.cam).resize((size, size))),
+                             result.probability, result.target_class, result.method)
+        rows.append({"Model": name, "ROAD score": explainer.faithfulness(image_tensor(image), small)})
+    st.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch", key="explain.road",
+                 column_config={"ROAD score": st.column_config.NumberColumn(format="%.3f")})
+
+
+def show_batch_view(store: RunStore, runs: list[dict], explainers, names: list[str], method: str) -> None:
+    st.subheader("Over many test images")
+    data = reference_data(store, runs[0])
+    if data is None or data.masks is None:
+        st.caption("Needs a dataset with lesion masks (the synthetic set always has them).")
+        return
+    malignant = [row for row in data.indices("test") if data.table["label"].iloc[row] == 1]
+    if not malignant:
+        return
+    count = len(malignant) if len(malignant) <= 5 else st.slider(
+        "Malignant test images", min_value=5, max_value=len(malignant), value=min(50, len(malignant)),
+        key="explain.batch_count")
+    key = ("batch", tuple(run["run_id"] for run in runs), method, count, data.fingerprint)
+    tasks = st.session_state.setdefault(TASKS, {})
+    if key not in tasks:
+        if st.button("Measure localisation over these images", key="explain.batch_start", icon=":material/insights:"):
+            rows = malignant[:count]
+            background(key, batch_measures, explainers, names, data.images[rows], data.masks[rows], method)
+            st.rerun()
+        st.caption("Tip for teaching: put the ink confounder on the Data page, train, and see which model looks at "
+                   "the ink instead of the lesion.")
+        return
+    task = tasks[key]
+    if not task.finished:
+        wait_for(task, f"Maps of {count} images x {len(names)} models")
+        return
+    if task.error:
+        st.error(f"The batch measures failed: {task.error}")
+        return
+    summary = task.result
+    st.plotly_chart(localisation_bars_figure(summary["rows"], summary["lesion_area"]), width="stretch",
+                    key="explain.batch_figure")
+    st.dataframe(pd.DataFrame(summary["rows"]), hide_index=True, width="stretch", key="explain.batch_table")
+
+
 def main() -> None:
     require_entrypoint()
     st.title("Explain")
@@ -196,16 +307,19 @@ def main() -> None:
     except ValueError as error:
         st.error(str(error))
         return
-    slow = CAM_METHODS[settings["method"]].slow
-    with st.spinner(f"{CAM_METHODS[settings['method']].display_name} of {len(runs)} models"
-                    + (" (slow: many forward passes per model) ..." if slow else " ...")):
-        explained = explain_image(explainers, image, settings["method"], settings["target"], mask)
+    explained = compute_row(explainers, image, mask, label, settings, tuple(run["run_id"] for run in runs))
+    if explained is None:
+        return
     figure = show_row(explained, settings)
     buffer = io.BytesIO()
     Image.fromarray(figure).save(buffer, format="PNG")
     st.download_button("Download the figure (PNG)", buffer.getvalue(), file_name=f"{label}-{settings['method']}.png",
                        mime="image/png", key="explain.download", icon=":material/download:")
     show_measures(explained, names)
+    show_faithfulness(explainers, explained, names)
+    if source == "Test image":
+        show_batch_view(store, runs, explainers, names, settings["method"] if not CAM_METHODS[settings["method"]].slow
+                        else "gradcam")
 
 
 main()

@@ -216,3 +216,43 @@ def test_explain_page_without_runs(tmp_path, monkeypatch):
     app = AppTest.from_file(APP, default_timeout=60).run()
     app.switch_page("pages/explain.py").run()
     assert not app.exception and "Train models first" in app.info[0].value
+
+
+def test_batch_measures_average_over_images(trained):
+    from core.cams import batch_measures, load_trained_model
+
+    store, run, data = trained
+    explainer = CamExplainer(load_trained_model(run, store.model_path(run["run_id"])), "hybrid_sresnet")
+    rows = [row for row in data.indices("test") if data.table["label"].iloc[row] == 1][:6]
+    progress = []
+    summary = batch_measures([(explainer, 96)], ["Hybrid S-ResNet"], data.images[rows], data.masks[rows],
+                             report=lambda done, total: progress.append((done, total)))
+    assert summary["images"] == 6 and progress[-1] == (6, 6)
+    assert 0 < summary["rows"][0]["CAM energy inside the lesion"] < 1
+    assert 0 <= summary["rows"][0]["Pointing-game hit rate"] <= 1
+
+
+def wait_until(app: AppTest, condition, timeout: float = 120) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not condition(app):
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.5)
+        app.run()
+        assert not app.exception, app.exception
+
+
+def test_explain_page_batch_view_and_slow_method_run_in_the_background(trained, monkeypatch):
+    store, _, _ = trained
+    app = explain_page(store, monkeypatch)
+    app.slider(key="explain.batch_count").set_value(6).run()
+    app.button(key="explain.batch_start").click().run()
+    assert not app.exception
+    wait_until(app, lambda a: any(frame.value.columns[0] == "Model" and "Pointing-game hit rate" in frame.value
+                                  for frame in a.dataframe))
+    app.toggle(key="explain.faithfulness").set_value(True).run()
+    assert not app.exception
+    app.selectbox(key="widget.cam_method").set_value("scorecam").run()
+    assert not app.exception
+    wait_until(app, lambda a: a.get("download_button"))

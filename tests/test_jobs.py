@@ -88,3 +88,35 @@ def test_snapshots_are_copies(queue):
     snapshot = queue.snapshot()
     snapshot.jobs[0].history.append({"epoch": 99})
     assert len(queue.snapshot().jobs[0].history) == 1
+
+
+def test_background_task_reports_progress_result_errors_and_stop():
+    import threading as threading_module
+
+    from core.jobs import BackgroundTask
+
+    release = threading_module.Event()
+
+    def work(count, report, stop):
+        for index in range(count):
+            release.wait(5)
+            if stop.is_set():
+                return "stopped"
+            report(index + 1, count)
+        return "done"
+
+    task = BackgroundTask(work, 4)
+    assert not task.finished
+    release.set()
+    assert task.wait(10) and task.result == "done" and task.fraction == 1.0
+
+    def broken(report, stop):
+        raise ValueError("bad map")
+
+    failing = BackgroundTask(broken)
+    assert failing.wait(10) and failing.error == "ValueError: bad map"
+    release.clear()
+    stopping = BackgroundTask(work, 4)
+    stopping.stop.set()
+    release.set()
+    assert stopping.wait(10) and stopping.result == "stopped"
