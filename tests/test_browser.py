@@ -178,3 +178,8 @@ def test_compare_page_with_five_runs_and_its_html_report(five_runs, dashboard, p
     uploader.set_input_files(str(rgba))
     page.get_by_text("Download the figure").wait_for(timeout=120_000)
     no_exceptions(page)
+    huge = tmp_path / "huge.png"
+    Image.new("RGB", (8000, 6000)).save(huge)  # 48 megapixels, a small file
+    uploader.set_input_files(str(huge))
+    page.get_by_text("image too large").wait_for(timeout=60_000)
+    no_exceptions(page)
