@@ -14,6 +14,7 @@ from core.datasets import FORMATS, DatasetError, prepare_data
 from core.runs import RunStore, RunStoreError, default_runs_dir
 from core.synthetic import CONFOUNDER_KINDS
 from core.training import run_training
+from core.tuning import PRUNERS
 
 EXIT_BAD_INPUT = 2
 EXIT_RUN_FAILED = 1
@@ -88,6 +89,32 @@ class ProgressBar(TrainingCallback):
             self.bar = None
 
 
+def add_training_flags(parser: argparse.ArgumentParser) -> None:
+    """The data and hyperparameter flags shared by train, tune and ablate."""
+    parser.add_argument("--data", default="synthetic", help="'synthetic' or a dataset path")
+    parser.add_argument("--format", default="auto", choices=["auto", *FORMATS], help="dataset format")
+    parser.add_argument("--preset", default="quick", choices=sorted(PRESETS),
+                        help="starting values: quick (fast demo) or paper (224 px, the paper's optimum)")
+    for flag, _, kind, text in HYPERPARAMETER_FLAGS:
+        parser.add_argument(flag, type=kind, default=None, help=text)
+    for flag, _, text in SWITCH_FLAGS:
+        parser.add_argument(flag, action="store_true", help=text)
+    parser.add_argument("--precision", choices=PRECISIONS, default=None, help="auto times the options per model")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default=None)
+    parser.add_argument("--label-map", nargs="+", default=[], metavar="NAME=0|1",
+                        help="map folder names, dx codes or label values to 0 (benign) / 1 (malignant)")
+    parser.add_argument("--images-dir", help="image folder of a CSV/HAM10000 dataset (default: detected)")
+    parser.add_argument("--masks-dir", help="lesion masks (<image_id>_segmentation.png)")
+    parser.add_argument("--label-column", help="CSV label column (default: detected)")
+    parser.add_argument("--image-column", help="CSV image-id or path column (default: detected)")
+    parser.add_argument("--synthetic-count", type=int, default=None, help="images in the synthetic set")
+    parser.add_argument("--synthetic-image-size", type=int, default=None, help="size the synthetic set is drawn at")
+    parser.add_argument("--confounder-fraction", type=float, default=None,
+                        help="share of malignant synthetic images given a shortcut artifact")
+    parser.add_argument("--confounder-kind", choices=CONFOUNDER_KINDS, default=None)
+    parser.add_argument("--runs-dir", default=str(default_runs_dir()), help="run store (default: checkpoints/)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m core", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -95,28 +122,28 @@ def build_parser() -> argparse.ArgumentParser:
     train = commands.add_parser("train", help="train one model or all five",
                                 description="Train with the paper's recipe; every piece can be changed.")
     train.add_argument("--model", default="hybrid_sresnet", choices=[*MODEL_NAMES, "all"])
-    train.add_argument("--data", default="synthetic", help="'synthetic' or a dataset path")
-    train.add_argument("--format", default="auto", choices=["auto", *FORMATS], help="dataset format")
-    train.add_argument("--preset", default="quick", choices=sorted(PRESETS),
-                       help="starting values: quick (fast demo) or paper (224 px, the paper's optimum)")
-    for flag, _, kind, text in HYPERPARAMETER_FLAGS:
-        train.add_argument(flag, type=kind, default=None, help=text)
-    for flag, _, text in SWITCH_FLAGS:
-        train.add_argument(flag, action="store_true", help=text)
-    train.add_argument("--precision", choices=PRECISIONS, default=None, help="auto times the options per model")
-    train.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default=None)
-    train.add_argument("--label-map", nargs="+", default=[], metavar="NAME=0|1",
-                       help="map folder names, dx codes or label values to 0 (benign) / 1 (malignant)")
-    train.add_argument("--images-dir", help="image folder of a CSV/HAM10000 dataset (default: detected)")
-    train.add_argument("--masks-dir", help="lesion masks (<image_id>_segmentation.png)")
-    train.add_argument("--label-column", help="CSV label column (default: detected)")
-    train.add_argument("--image-column", help="CSV image-id or path column (default: detected)")
-    train.add_argument("--synthetic-count", type=int, default=None, help="images in the synthetic set")
-    train.add_argument("--synthetic-image-size", type=int, default=None, help="size the synthetic set is drawn at")
-    train.add_argument("--confounder-fraction", type=float, default=None,
-                       help="share of malignant synthetic images given a shortcut artifact")
-    train.add_argument("--confounder-kind", choices=CONFOUNDER_KINDS, default=None)
-    train.add_argument("--runs-dir", default=str(default_runs_dir()), help="run store (default: checkpoints/)")
+    add_training_flags(train)
+
+    tune = commands.add_parser("tune", help="Optuna search over lr, weight decay and dropout",
+                               description="Maximise validation AUC (never test) over the paper's search space; "
+                                           "bad trials are pruned after an epoch. Run the same command on several "
+                                           "machines with one --storage URL to share a study.")
+    tune.add_argument("--model", default="hybrid_sresnet", choices=MODEL_NAMES)
+    tune.add_argument("--study", default=None, help="study name (default: tune-<model>); an existing one continues")
+    tune.add_argument("--trials", type=int, default=10, help="trials to add to the study")
+    tune.add_argument("--storage", default=None,
+                      help="SQLAlchemy URL, e.g. postgresql://user:pass@host/db (default: SQLite in the run store)")
+    tune.add_argument("--pruner", default="median", choices=PRUNERS)
+    add_training_flags(tune)
+
+    ablate = commands.add_parser("ablate", help="the paper's ablation: components, or split x epochs grid",
+                                 description="Each cell is an ordinary run on the same split and seed; re-running "
+                                             "the same --study skips the cells already completed.")
+    ablate.add_argument("--kind", default="components", choices=["components", "grid"])
+    ablate.add_argument("--study", default=None, help="study name (default: ablation-<kind>)")
+    ablate.add_argument("--splits", default="80:20,70:30,60:40", help="grid: train:test ratios, comma-separated")
+    ablate.add_argument("--epochs-grid", default="25,50,75,100", help="grid: epoch counts, comma-separated")
+    add_training_flags(ablate)
 
     listing = commands.add_parser("list", help="list the stored runs", description="One line per run, newest first.")
     listing.add_argument("--runs-dir", default=str(default_runs_dir()))
@@ -206,6 +233,64 @@ def command_train(args: argparse.Namespace) -> int:
     return 0 if all(status == "completed" for status in statuses) else EXIT_RUN_FAILED
 
 
+def command_tune(args: argparse.Namespace) -> int:
+    import optuna
+
+    from core.tuning import run_study, trials_table
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # one line per trial below says enough
+    config = config_from_args(args, args.model)
+    spec = data_spec_from_args(args)
+    store = RunStore(args.runs_dir)
+    study_name = args.study or f"tune-{args.model}"
+    data = prepare_data(spec, config, store.cache_dir)
+
+    def report(study, trial) -> None:
+        value = f"{trial.value:.4f}" if trial.value is not None else "--"
+        print(f"trial {trial.number}: {trial.state.name.lower()} val AUC {value} "
+              + " ".join(f"{k}={v:.3g}" for k, v in trial.params.items()), file=sys.stderr)
+
+    study = run_study(data, config, store, study_name, args.trials, args.storage, args.pruner, on_trial_end=report)
+    table = trials_table(study)
+    print(table.to_string(index=False))
+    completed = [t for t in study.trials if t.value is not None and t.state.name == "COMPLETE"]
+    if completed:
+        best = study.best_trial
+        print(f"best trial {best.number}: val AUC {best.value:.4f} " +
+              " ".join(f"{k}={v:.3g}" for k, v in best.params.items()), file=sys.stderr)
+    return 0
+
+
+def command_ablate(args: argparse.Namespace) -> int:
+    from core.ablation import component_cells, grid_cells, run_ablation
+
+    base = config_from_args(args, "resnet18")
+    spec = data_spec_from_args(args)
+    store = RunStore(args.runs_dir)
+    if args.kind == "components":
+        cells = component_cells(base)
+    else:
+        try:
+            epochs = [int(value) for value in args.epochs_grid.split(",")]
+        except ValueError:
+            raise ValueError(f"--epochs-grid wants numbers like 25,50, got {args.epochs_grid!r}") from None
+        cells = grid_cells(base, [value.strip() for value in args.splits.split(",")], epochs)
+    study = args.study or f"ablation-{args.kind}"
+
+    def report(cell, run) -> None:
+        test = ((run or {}).get("metrics") or {}).get("test") or {}
+        auc = f"{test['auc']:.4f}" if test.get("auc") is not None else "--"
+        print(f"{cell.key}: {(run or {}).get('status', 'not run')} test AUC {auc}", file=sys.stderr)
+
+    done = run_ablation(spec, cells, store, study, on_cell=report)
+    runs = [done[cell.key] for cell in cells if cell.key in done]
+    if runs:
+        table = comparison_table(runs, store)
+        table.insert(0, "Cell", [cell.key for cell in cells if cell.key in done])
+        print(format_table(table.drop(columns=["Model"]).rename(columns={"Cell": "Model"}), "table"))
+    return 0 if len(done) == len(cells) else EXIT_RUN_FAILED
+
+
 def command_list(args: argparse.Namespace) -> int:
     runs = RunStore(args.runs_dir).list_runs()
     if not runs:
@@ -290,8 +375,8 @@ def command_explain(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    commands = {"train": command_train, "list": command_list, "compare": command_compare,
-                "explain": command_explain}
+    commands = {"train": command_train, "tune": command_tune, "ablate": command_ablate, "list": command_list,
+                "compare": command_compare, "explain": command_explain}
     try:
         return commands[args.command](args)
     except (DatasetError, RunStoreError, ValueError) as error:

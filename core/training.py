@@ -190,8 +190,9 @@ def fit(model: nn.Module, train: TensorData, val: TensorData, config: TrainConfi
 
 def run_training(config: TrainConfig, data: PreparedData, store: RunStore,
                  callbacks: list[TrainingCallback] | TrainingCallback | None = None,
-                 stop: threading.Event | None = None) -> dict:
+                 stop: threading.Event | None = None, tags: dict | None = None) -> dict:
     """Train one model on prepared data and store the run; returns the final run.json content.
+    `tags` are stored in run.json as they are (a tuning trial, an ablation cell).
 
     Never raises for a failed run: the run is stored with status 'failed' and its error.
     """
@@ -205,7 +206,7 @@ def run_training(config: TrainConfig, data: PreparedData, store: RunStore,
     plan = choose_execution_plan(model, config, device, store.cache_dir)
     folder = store.create(config.model, {
         "config": config.to_dict(), "dataset": data.describe(), "weights": weights,
-        "history": [], "metrics": {}, "environment": describe_environment(device, plan),
+        "history": [], "metrics": {}, "environment": describe_environment(device, plan), "tags": tags or {},
     })
     folder.save_table("split.csv", data.table[["image_id", "label", "split"]])
     callback.on_run_start(dict(folder.record))

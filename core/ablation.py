@@ -1,0 +1,80 @@
+"""The paper's ablation (section 4.1): components added one by one to a ResNet18 baseline, and a grid
+of train:test split x epochs. Every cell is an ordinary run, tagged with its study and cell, trained
+on the same split with the same seed; re-running a study skips the cells already completed."""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from core.callbacks import TrainingCallback
+from core.config import DataSpec, TrainConfig
+from core.datasets import PreparedData, prepare_data
+from core.runs import RunStore
+from core.training import run_training
+
+
+@dataclass(frozen=True)
+class AblationCell:
+    key: str  # unique within the study, e.g. "+ augmentation" or "70:30 x 50 epochs"
+    config: TrainConfig
+
+
+def component_cells(base: TrainConfig) -> list[AblationCell]:
+    """ResNet18 baseline -> + augmentation -> + weighted sampling -> + label smoothing -> + cosine
+    scheduler and dropout, which is the Hybrid S-ResNet (its head carries the dropout)."""
+    baseline = dataclasses.replace(base, model="resnet18", augment=False, weighted_sampler=False,
+                                   label_smoothing=0.0, scheduler=False)
+    steps = [("ResNet18 baseline", {}),
+             ("+ augmentation", {"augment": True}),
+             ("+ weighted sampling", {"weighted_sampler": True}),
+             ("+ label smoothing", {"label_smoothing": base.label_smoothing or 0.1}),
+             ("+ cosine scheduler and dropout (Hybrid S-ResNet)", {"scheduler": True, "model": "hybrid_sresnet"})]
+    cells, changes = [], {}
+    for name, change in steps:
+        changes.update(change)
+        cells.append(AblationCell(name, dataclasses.replace(baseline, **changes)))
+    return cells
+
+
+def grid_cells(base: TrainConfig, splits=("80:20", "70:30", "60:40"), epochs=(25, 50, 75, 100)) -> list[AblationCell]:
+    return [AblationCell(f"{split} x {count} epochs", dataclasses.replace(base, split=split, epochs=int(count)))
+            for split in splits for count in epochs]
+
+
+def completed_cells(store: RunStore, study: str) -> dict[str, dict]:
+    """Cell key -> the newest completed run of that cell in this study."""
+    done = {}
+    for run in store.list_runs():  # newest first
+        tags = run.get("tags") or {}
+        if tags.get("ablation") == study and run.get("status") == "completed":
+            done.setdefault(tags.get("cell"), run)
+    return done
+
+
+def run_ablation(spec: DataSpec, cells: list[AblationCell], store: RunStore, study: str,
+                 callbacks: list[TrainingCallback] | None = None, stop: threading.Event | None = None,
+                 on_cell: Callable[[AblationCell, dict | None], None] | None = None) -> dict[str, dict]:
+    """Train every cell not yet completed; returns cell key -> run for all completed cells."""
+    stop = stop or threading.Event()
+    done = completed_cells(store, study)
+    prepared: dict[tuple, PreparedData] = {}
+    for cell in cells:
+        if stop.is_set():
+            break
+        if cell.key in done:
+            if on_cell:
+                on_cell(cell, done[cell.key])
+            continue
+        config = cell.config.resolved(spec)
+        key = (config.image_size, config.split, config.val_fraction, config.seed, config.max_images)
+        if key not in prepared:  # cells that share a split share the decoded data
+            prepared[key] = prepare_data(spec, config, store.cache_dir)
+        run = run_training(config, prepared[key], store, callbacks, stop, tags={"ablation": study, "cell": cell.key})
+        if run["status"] == "completed":
+            done[cell.key] = run
+        if on_cell:
+            on_cell(cell, run)
+    return done

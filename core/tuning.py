@@ -1,0 +1,123 @@
+"""The paper's Optuna search over learning rate, weight decay and dropout, maximising validation AUC.
+
+Every trial is an ordinary run in the run store (tagged with its study and trial number). Bad trials
+are pruned after an epoch. Studies live in an SQLite file under the run store by default; any
+SQLAlchemy URL (PostgreSQL, MySQL) lets several machines work on one study. Re-running a study with
+the same name continues it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import optuna
+
+from core.callbacks import EpochRecord, TrainingCallback
+from core.config import TrainConfig
+from core.datasets import PreparedData
+from core.runs import RunStore
+from core.training import run_training
+
+PRUNERS = ("median", "percentile", "hyperband", "none")
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    """The paper's space: lr and weight decay on log scales, dropout linear."""
+
+    lr: tuple[float, float] = (1e-5, 1e-2)
+    weight_decay: tuple[float, float] = (1e-7, 1e-2)
+    dropout: tuple[float, float] = (0.0, 0.6)
+
+    def suggest(self, trial: optuna.Trial, base: TrainConfig) -> TrainConfig:
+        return dataclasses.replace(
+            base,
+            lr=trial.suggest_float("lr", *self.lr, log=True),
+            weight_decay=trial.suggest_float("weight_decay", *self.weight_decay, log=True),
+            dropout=trial.suggest_float("dropout", *self.dropout),
+        )
+
+
+def make_pruner(name: str | optuna.pruners.BasePruner) -> optuna.pruners.BasePruner:
+    if isinstance(name, optuna.pruners.BasePruner):
+        return name
+    if name == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=1)
+    if name == "percentile":
+        return optuna.pruners.PercentilePruner(25.0, n_startup_trials=2, n_warmup_steps=1)
+    if name == "hyperband":
+        return optuna.pruners.HyperbandPruner()
+    if name == "none":
+        return optuna.pruners.NopPruner()
+    raise ValueError(f"unknown pruner {name!r} (choose from {', '.join(PRUNERS)})")
+
+
+def default_storage(store: RunStore) -> str:
+    store.root.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{(store.root / 'optuna.db').resolve()}"
+
+
+class _ReportToTrial(TrainingCallback):
+    """Reports validation AUC to Optuna after each epoch and asks the run to stop when pruned (or when
+    the whole study is asked to stop)."""
+
+    def __init__(self, trial: optuna.Trial, stop: threading.Event, study_stop: threading.Event) -> None:
+        self.trial, self.stop, self.study_stop, self.pruned = trial, stop, study_stop, False
+
+    def on_batch_end(self, progress) -> None:
+        if self.study_stop.is_set():
+            self.stop.set()
+
+    def on_epoch_end(self, record: EpochRecord) -> None:
+        value = record.val_auc if math.isfinite(record.val_auc) else 0.0
+        self.trial.report(value, record.epoch)
+        if self.trial.should_prune():
+            self.pruned = True
+            self.stop.set()
+
+
+def run_study(data: PreparedData, base: TrainConfig, store: RunStore, study_name: str, trials: int,
+              storage: str | None = None, pruner: str | optuna.pruners.BasePruner = "median",
+              space: SearchSpace = SearchSpace(),
+              callbacks: list[TrainingCallback] | None = None, stop: threading.Event | None = None,
+              on_trial_end: Callable[[optuna.Study, optuna.trial.FrozenTrial], None] | None = None) -> optuna.Study:
+    """Run `trials` more trials of the study (created, or continued when it exists)."""
+    stop = stop or threading.Event()
+    study = optuna.create_study(study_name=study_name, storage=storage or default_storage(store),
+                                direction="maximize", pruner=make_pruner(pruner), load_if_exists=True,
+                                sampler=optuna.samplers.TPESampler(seed=base.seed))
+    study.set_user_attr("model", base.model)
+    study.set_user_attr("dataset", data.describe()["fingerprint"])
+
+    def objective(trial: optuna.Trial) -> float:
+        config = space.suggest(trial, base)
+        trial_stop = threading.Event()
+        reporter = _ReportToTrial(trial, trial_stop, stop)
+        run = run_training(config, data, store, [reporter, *(callbacks or [])], trial_stop,
+                           tags={"study": study_name, "trial": trial.number})
+        trial.set_user_attr("run_id", run["run_id"])
+        if reporter.pruned:
+            raise optuna.TrialPruned(f"pruned after epoch {len(run['history'])}")
+        if run["status"] != "completed":
+            raise RuntimeError(run.get("error") or f"run ended as {run['status']}")
+        # The best epoch's validation AUC: the model the run keeps. The test part is never used.
+        return max(entry["val_auc"] or 0.0 for entry in run["history"])
+
+    def check_stop(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        if on_trial_end:
+            on_trial_end(study, trial)
+        if stop.is_set():
+            study.stop()
+
+    study.optimize(objective, n_trials=trials, callbacks=[check_stop], catch=(RuntimeError,))
+    return study
+
+
+def trials_table(study: optuna.Study):
+    """One row per trial: number, state, value (validation AUC), parameters, run id."""
+    frame = study.trials_dataframe(attrs=("number", "state", "value", "params", "user_attrs", "duration"))
+    return frame.rename(columns=lambda name: name.replace("params_", "").replace("user_attrs_", ""))

@@ -1,0 +1,80 @@
+"""Optuna search and the ablation study on tiny data: persistence, resume, pruning, CLI."""
+
+import dataclasses
+
+import optuna
+import pytest
+
+from core.ablation import component_cells, grid_cells, run_ablation
+from core.cli import main
+from core.datasets import prepare_data
+from core.tuning import run_study, trials_table
+from tests.conftest import TINY_CONFIG, TINY_SYNTHETIC
+
+TWO_EPOCHS = dataclasses.replace(TINY_CONFIG, epochs=2)
+
+
+class AlwaysPrune(optuna.pruners.BasePruner):
+    def prune(self, study, trial):
+        return True
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    return prepare_data(TINY_SYNTHETIC, TWO_EPOCHS, tmp_path_factory.mktemp("cache"))
+
+
+def test_study_persists_and_continues(tiny_data, store):
+    study = run_study(tiny_data, TWO_EPOCHS, store, "demo", trials=2, pruner="none")
+    assert len(study.trials) == 2 and all(trial.state.name == "COMPLETE" for trial in study.trials)
+    assert (store.root / "optuna.db").exists()
+    assert all(0 <= trial.value <= 1 for trial in study.trials)
+    runs = store.list_runs()
+    assert sorted(run["tags"]["trial"] for run in runs) == [0, 1]
+    assert {run["config"]["lr"] for run in runs} == {trial.params["lr"] for trial in study.trials}
+    again = run_study(tiny_data, TWO_EPOCHS, store, "demo", trials=1, pruner="none")
+    assert len(again.trials) == 3, "the second call continued the study"
+    table = trials_table(again)
+    assert {"number", "state", "value", "lr", "weight_decay", "dropout", "run_id"} <= set(table.columns)
+
+
+def test_bad_trials_are_pruned_after_an_epoch(tiny_data, store):
+    study = run_study(tiny_data, dataclasses.replace(TINY_CONFIG, epochs=4), store, "pruning", trials=1,
+                      pruner=AlwaysPrune())
+    trial = study.trials[0]
+    assert trial.state.name == "PRUNED"
+    run = store.load(trial.user_attrs["run_id"])
+    assert run["status"] == "stopped" and len(run["history"]) == 1
+
+
+def test_component_ablation_runs_each_step_once(store):
+    cells = component_cells(TINY_CONFIG)
+    assert [cell.config.model for cell in cells] == ["resnet18"] * 4 + ["hybrid_sresnet"]
+    assert not cells[0].config.augment and cells[1].config.augment and cells[2].config.weighted_sampler
+    assert cells[0].config.label_smoothing == 0 and cells[3].config.label_smoothing > 0 and cells[4].config.scheduler
+    done = run_ablation(TINY_SYNTHETIC, cells, store, "components")
+    assert len(done) == 5 and len(store.list_runs()) == 5
+    assert len({run["dataset"]["split_fingerprint"] for run in done.values()}) == 1, "one split for every step"
+    again = run_ablation(TINY_SYNTHETIC, cells, store, "components")
+    assert len(store.list_runs()) == 5, "finished cells are not redone"
+    assert {run["run_id"] for run in again.values()} == {run["run_id"] for run in done.values()}
+
+
+def test_grid_cells_cover_split_and_epochs():
+    cells = grid_cells(TINY_CONFIG, ["80:20", "60:40"], [1, 2])
+    assert [cell.key for cell in cells] == ["80:20 x 1 epochs", "80:20 x 2 epochs", "60:40 x 1 epochs",
+                                            "60:40 x 2 epochs"]
+
+
+TINY_FLAGS = ["--data", "synthetic", "--synthetic-count", "40", "--synthetic-image-size", "32", "--image-size", "32",
+              "--epochs", "1", "--batch-size", "8", "--no-pretrained", "--precision", "fp32", "--split", "70:30"]
+
+
+def test_cli_tune_and_ablate(tmp_path, capsys):
+    runs_dir = str(tmp_path / "runs")
+    assert main(["tune", "--model", "resnet18", "--trials", "2", *TINY_FLAGS, "--runs-dir", runs_dir]) == 0
+    assert "run_id" in capsys.readouterr().out
+    assert main(["ablate", "--kind", "grid", "--splits", "70:30", "--epochs-grid", "1,2", *TINY_FLAGS,
+                 "--runs-dir", runs_dir]) == 0
+    out = capsys.readouterr().out
+    assert "70:30 x 1 epochs" in out and "70:30 x 2 epochs" in out
