@@ -115,15 +115,15 @@ class Comparison:
     readings: list[str] = field(default_factory=list)
 
 
-def load_predictions(store: RunStore, runs: list[dict]) -> list[ModelPredictions]:
-    """The runs whose predictions.csv can be read (others are skipped)."""
+def load_predictions(store: RunStore, runs: list[dict], names: list[str] | None = None) -> list[ModelPredictions]:
+    """The runs whose predictions.csv can be read (others are skipped), named by model unless `names`."""
     entries = []
-    for run in runs:
+    for index, run in enumerate(runs):
         try:
             predictions = store.predictions(run["run_id"])
         except (OSError, ValueError):
             continue
-        name = get_model_spec(run["model"]).display_name
+        name = names[index] if names else get_model_spec(run["model"]).display_name
         if sum(entry.name == name for entry in entries):
             name = f"{name} ({run['run_id'][-4:]})"  # two runs of one model stay apart
         entries.append(ModelPredictions(name, run, predictions[predictions["split"] == "val"],
@@ -134,10 +134,10 @@ def load_predictions(store: RunStore, runs: list[dict]) -> list[ModelPredictions
 
 def build_comparison(store: RunStore, runs: list[dict], threshold: float | None = None,
                      target_sensitivity: float | None = None, resamples: int = DEFAULT_RESAMPLES,
-                     seed: int = DEFAULT_SEED) -> Comparison:
+                     seed: int = DEFAULT_SEED, names: list[str] | None = None) -> Comparison:
     """Everything the Compare page and the HTML report show. With `target_sensitivity`, each model's
     threshold is the highest one reaching that sensitivity on its validation predictions."""
-    entries = load_predictions(store, runs)
+    entries = load_predictions(store, runs, names)
     for entry in entries:
         if target_sensitivity is not None:
             entry.threshold = threshold_for_sensitivity(entry.val["label"], entry.val["prob_malignant"],

@@ -229,3 +229,13 @@ def localisation_bars_figure(rows: list[dict], lesion_area: float) -> go.Figure:
                          title="Does each model look at the lesion? (malignant class)",
                          legend=dict(orientation="h", y=-0.15))
     return figure
+
+
+def grid_heatmap_figure(rows: list[str], columns: list[str], values: np.ndarray, title: str) -> go.Figure:
+    """A metric over a two-way grid (train:test split x epochs); empty cells are not run yet."""
+    text = [[f"{value:.3f}" if np.isfinite(value) else "" for value in row] for row in values]
+    figure = go.Figure(go.Heatmap(z=values, x=columns, y=rows, text=text, texttemplate="%{text}",
+                                  colorscale="Viridis", colorbar=dict(title="")))
+    figure.update_layout(title=title, height=320, margin=dict(l=10, r=10, t=40, b=10), xaxis_title="epochs",
+                         yaxis_title="train:test")
+    return figure

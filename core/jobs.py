@@ -13,6 +13,7 @@ import threading
 import time
 import traceback
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from core.callbacks import BatchProgress, EpochRecord, TrainingCallback
@@ -42,6 +43,10 @@ class Job:
     error: str | None = None
     submitted_at: float = field(default_factory=time.time)
     finished_at: float | None = None
+    # A job can be a whole study instead of one run: task(stop, callback) trains runs one after another
+    # (reporting through the callback) and returns (state, error).
+    task: Callable | None = None
+    label: str = ""
 
     @property
     def active(self) -> bool:
@@ -76,7 +81,7 @@ class _JobCallback(TrainingCallback):
 
     def on_run_start(self, run: dict) -> None:
         with self.queue._lock:
-            self.job.run_id, self.job.state = run["run_id"], "running"
+            self.job.run_id, self.job.state, self.job.history = run["run_id"], "running", []
 
     def on_batch_end(self, progress: BatchProgress) -> None:
         with self.queue._lock:
@@ -114,6 +119,16 @@ class JobQueue:
             self._trim()
             self._wake.notify()
             return [job.job_id for job in jobs]
+
+    def submit_task(self, label: str, config: TrainConfig, data: DataSpec, task: Callable) -> int:
+        """Queue a study (tuning, ablation) that trains several runs; it waits its turn like a run,
+        so two trainings never share the CPU."""
+        with self._lock:
+            job = Job(next(self._ids), config, data, task=task, label=label)
+            self._jobs.append(job)
+            self._trim()
+            self._wake.notify()
+            return job.job_id
 
     def stop_current(self) -> None:
         """End the running job cleanly after its current batch (status 'stopped', best checkpoint kept)."""
@@ -175,6 +190,8 @@ class JobQueue:
                 job.state, job.error, job.finished_at = state, error, time.time()
 
     def _run(self, job: Job) -> tuple[str, str | None]:
+        if job.task is not None:
+            return job.task(self._stop_current, _JobCallback(self, job))
         data = self._prepare(job)
         if self._stop_current.is_set():
             return "stopped", "stopped before training started"

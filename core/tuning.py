@@ -88,8 +88,10 @@ def run_study(data: PreparedData, base: TrainConfig, store: RunStore, study_name
     """Run `trials` more trials of the study (created, or continued when it exists)."""
     stop = stop or threading.Event()
     study = optuna.create_study(study_name=study_name, storage=storage or default_storage(store),
-                                direction="maximize", pruner=make_pruner(pruner), load_if_exists=True,
-                                sampler=optuna.samplers.TPESampler(seed=base.seed))
+                                direction="maximize", pruner=make_pruner(pruner), load_if_exists=True)
+    # Seeded for reproducibility, but offset by the trials already there: a continued study must not
+    # replay the same random start-up points.
+    study.sampler = optuna.samplers.TPESampler(seed=base.seed + len(study.trials))
     study.set_user_attr("model", base.model)
     study.set_user_attr("dataset", data.describe()["fingerprint"])
 

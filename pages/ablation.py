@@ -1,7 +1,115 @@
+"""Ablation page: the paper's component ablation and its split x epochs grid, each cell an ordinary run."""
+
+from __future__ import annotations
+
+import numpy as np
 import streamlit as st
 
-from pages.common import require_entrypoint
+from core.ablation import completed_cells, component_cells, grid_cells, run_ablation
+from core.compare import build_comparison
+from core.figures import grid_heatmap_figure, metric_bars_figure
+from pages.common import (
+    SPLIT_RATIOS,
+    current_config,
+    current_data_spec,
+    dataset_label,
+    persistent,
+    require_entrypoint,
+    run_store,
+    shared_job_queue,
+)
 
-require_entrypoint()
-st.title("Ablation")
-st.info("Not built yet: the paper's component ablation and the split x epochs grid.")
+
+def planned_cells(kind: str, splits: list[str], epochs: list[int]):
+    base = current_config("resnet18")
+    return component_cells(base) if kind == "Components" else grid_cells(base, splits, epochs)
+
+
+def start(kind: str, cells, study: str) -> None:
+    store, spec = run_store(), current_data_spec()
+
+    def task(stop, callback):
+        done = run_ablation(spec, cells, store, study, callbacks=[callback], stop=stop)
+        if stop.is_set():
+            return "stopped", "stopped by request; finished cells are kept and re-running continues"
+        return ("completed", None) if len(done) == len(cells) else ("failed", "some cells did not complete")
+
+    shared_job_queue().submit_task(f"Ablation {study}", cells[0].config, spec, task)
+
+
+def show_results(kind: str, cells, study: str, splits: list[str], epochs: list[int]) -> None:
+    store = run_store()
+    done = completed_cells(store, study)
+    finished = [cell for cell in cells if cell.key in done]
+    st.caption(f"{len(finished)} of {len(cells)} cells completed in study {study!r}.")
+    if not finished:
+        return
+    comparison = build_comparison(store, [done[cell.key] for cell in finished],
+                                  names=[cell.key for cell in finished], resamples=1000)
+    table = comparison.table
+    if kind == "Components":
+        st.plotly_chart(metric_bars_figure(table, [("AUC", "AUC"), ("Test acc", "Accuracy"), ("Recall", "Sensitivity"),
+                                                   ("Specificity", "Specificity")],
+                                           "Test metrics per ablation step (95% bootstrap intervals)"),
+                        width="stretch", key="ablation.steps")
+    else:
+        values = np.full((len(splits), len(epochs)), np.nan)
+        for cell in finished:
+            split, count = cell.config.split, cell.config.epochs
+            if split in splits and count in epochs:
+                values[splits.index(split), epochs.index(count)] = table.set_index("Model").loc[cell.key, "AUC"]
+        st.plotly_chart(grid_heatmap_figure(splits, [str(e) for e in epochs], values, "Test AUC over the grid"),
+                        width="stretch", key="ablation.grid")
+    st.plotly_chart(metric_bars_figure(table, [("Train acc", "Train accuracy"), ("Test acc", "Test accuracy")],
+                                       "Train vs test accuracy (a growing gap is overfitting)"),
+                    width="stretch", key="ablation.overfitting")
+    shown = table[["Model", "Train acc", "Test acc", "AUC", "AUC low", "AUC high", "Recall", "Specificity"]]
+    st.dataframe(shown.rename(columns={"Model": "Cell"}), hide_index=True, width="stretch", key="ablation.table",
+                 column_config={name: st.column_config.NumberColumn(format="%.3f") for name in shown.columns[1:]})
+
+
+@st.fragment(run_every=2.0)
+def live(kind, cells, study, splits, epochs) -> None:
+    current = shared_job_queue().snapshot().current
+    if current is not None:
+        progress = current.progress
+        st.progress(progress.fraction_done if progress else 0.0,
+                    text=f"{current.label}: " + (f"epoch {progress.epoch}/{progress.epochs}" if progress
+                                                 else "preparing ..."))
+        if st.button("Stop", key="ablation.stop", icon=":material/stop:"):
+            shared_job_queue().stop_current()
+    show_results(kind, cells, study, splits, epochs)
+
+
+def main() -> None:
+    require_entrypoint()
+    st.title("Ablation")
+    st.caption(f"On {dataset_label(current_data_spec())}, with the Train page's settings; every cell uses the same "
+               "seed and (for the components) the same split.")
+    kind = persistent(st.radio, "Study", "ablation_kind", "Components", options=["Components", "Split x epochs grid"],
+                      horizontal=True,
+                      help="Components: ResNet18 baseline, + augmentation, + weighted sampling, + label smoothing, "
+                           "+ cosine scheduler and dropout (the Hybrid S-ResNet).")
+    splits, epochs = SPLIT_RATIOS, [25, 50, 75, 100]
+    if kind != "Components":
+        left, right = st.columns(2)
+        splits = persistent(left.multiselect, "Train:test splits", "ablation_splits", SPLIT_RATIOS,
+                            options=SPLIT_RATIOS) or SPLIT_RATIOS
+        text = persistent(right.text_input, "Epochs", "ablation_epochs", "25, 50, 75, 100",
+                          help="The paper used 25, 50, 75 and 100; fewer epochs make a quick demo.")
+        try:
+            epochs = sorted({int(value) for value in text.replace(" ", "").split(",") if value})
+        except ValueError:
+            st.error(f"Epochs must be whole numbers separated by commas, not {text!r}.")
+            return
+    default_study = "ablation-components" if kind == "Components" else "ablation-grid"
+    study = persistent(st.text_input, "Study name", f"ablation_study_{kind[:4]}", default_study,
+                       help="Re-running a study continues it: completed cells are not trained again.").strip()
+    cells = planned_cells(kind, splits, epochs)
+    if st.button(f"Run the {len(cells)} cells", key="ablation.start", type="primary", icon=":material/science:"):
+        start(kind, cells, study or default_study)
+        st.toast("Queued in the background queue (progress also on the Train page).")
+    live(kind, cells, study or default_study, splits, epochs)
+
+
+main()

@@ -114,9 +114,10 @@ def launch_widgets() -> None:
 
 def progress_text(job: Job) -> str:
     progress = job.progress
+    name = job.label or model_label(job.config.model)
     if job.state == "preparing" or progress is None:
-        return f"{model_label(job.config.model)}: preparing data and timing precision ..."
-    return (f"{model_label(job.config.model)}: epoch {progress.epoch}/{progress.epochs}, batch {progress.batch}/"
+        return f"{name}: preparing data and timing precision ..."
+    return (f"{name}: epoch {progress.epoch}/{progress.epochs}, batch {progress.batch}/"
             f"{progress.batches} · {progress.images_per_second:.0f} images/s · loss {progress.loss:.3f} · "
             f"about {format_seconds(progress.eta_seconds)} left")
 
@@ -169,7 +170,7 @@ def show_queue(snapshot: QueueSnapshot) -> None:
     if not recent:
         st.caption("Nothing is training. Choose models and press Start, or Train all five.")
         return
-    rows = [{"Job": job.job_id, "Model": model_label(job.config.model), "State": job.state,
+    rows = [{"Job": job.job_id, "Model": job.label or model_label(job.config.model), "State": job.state,
              "Run": job.run_id or "", "Problem": job.error or ""} for job in recent]
     st.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch", key="train.queue_table")
 

@@ -30,12 +30,6 @@ def open_page(app: AppTest, page: str) -> AppTest:
     return app
 
 
-@pytest.mark.parametrize("page", ["tune", "ablation"])
-def test_pages_not_built_yet_say_so(app, page):
-    open_page(app, page)
-    assert "Not built yet" in app.info[0].value
-
-
 def test_data_page_shows_the_synthetic_set(app):
     open_page(app, "data")
     assert app.title[0].value == "Data"

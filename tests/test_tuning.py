@@ -34,6 +34,7 @@ def test_study_persists_and_continues(tiny_data, store):
     assert {run["config"]["lr"] for run in runs} == {trial.params["lr"] for trial in study.trials}
     again = run_study(tiny_data, TWO_EPOCHS, store, "demo", trials=1, pruner="none")
     assert len(again.trials) == 3, "the second call continued the study"
+    assert again.trials[2].params != again.trials[0].params, "a continued study does not replay its first trial"
     table = trials_table(again)
     assert {"number", "state", "value", "lr", "weight_decay", "dropout", "run_id"} <= set(table.columns)
 
@@ -78,3 +79,54 @@ def test_cli_tune_and_ablate(tmp_path, capsys):
                  "--runs-dir", runs_dir]) == 0
     out = capsys.readouterr().out
     assert "70:30 x 1 epochs" in out and "70:30 x 2 epochs" in out
+
+
+def page_session(tmp_path, monkeypatch, page):
+    import time
+    from pathlib import Path
+
+    from streamlit.testing.v1 import AppTest
+
+    from pages.common import DATA_SPEC, VALUE_PREFIX
+    from tests.test_pages import TINY_VALUES
+
+    monkeypatch.setenv("SKIN_RUNS_DIR", str(tmp_path / "runs"))
+    app = AppTest.from_file(str(Path(__file__).resolve().parents[1] / "streamlit_app.py"), default_timeout=60)
+    for name, value in TINY_VALUES.items():
+        app.session_state[VALUE_PREFIX + name] = value
+    app.session_state[DATA_SPEC] = TINY_SYNTHETIC
+    app.run()
+    app.switch_page(f"pages/{page}.py").run()
+    assert not app.exception, app.exception
+
+    def wait_for(condition, timeout=180):
+        deadline = time.monotonic() + timeout
+        while not condition():
+            assert time.monotonic() < deadline, "timed out"
+            time.sleep(0.5)
+            app.run()
+            assert not app.exception, app.exception
+
+    return app, wait_for
+
+
+def test_tune_page_runs_a_tiny_study_and_trains_with_best(tmp_path, monkeypatch):
+    app, wait_for = page_session(tmp_path, monkeypatch, "tune")
+    assert "No studies yet" in app.info[0].value
+    app.number_input(key="widget.tune_trials").set_value(2)
+    app.selectbox(key="widget.tune_model").set_value("resnet18").run()
+    app.button(key="tune.start").click().run()
+    wait_for(lambda: any("value" in frame.value.columns and len(frame.value) == 2
+                         and set(frame.value["state"]) <= {"COMPLETE", "PRUNED", "FAIL"} for frame in app.dataframe))
+    assert len(app.get("plotly_chart")) >= 2, "optimisation history and parallel coordinates"
+    app.button(key="tune.train_best").click().run()
+    assert not app.exception
+
+
+def test_ablation_page_runs_the_components_and_shows_results(tmp_path, monkeypatch):
+    app, wait_for = page_session(tmp_path, monkeypatch, "ablation")
+    app.button(key="ablation.start").click().run()
+    wait_for(lambda: any("5 of 5 cells completed" in caption.value for caption in app.caption))
+    assert len(app.get("plotly_chart")) == 2
+    cells = [frame.value for frame in app.dataframe if "Cell" in frame.value.columns][0]
+    assert cells["Cell"].iloc[-1].startswith("+ cosine scheduler")
