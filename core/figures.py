@@ -237,5 +237,5 @@ def grid_heatmap_figure(rows: list[str], columns: list[str], values: np.ndarray,
     figure = go.Figure(go.Heatmap(z=values, x=columns, y=rows, text=text, texttemplate="%{text}",
                                   colorscale="Viridis", colorbar=dict(title="")))
     figure.update_layout(title=title, height=320, margin=dict(l=10, r=10, t=40, b=10), xaxis_title="epochs",
-                         yaxis_title="train:test")
+                         yaxis_title="train:test", xaxis_type="category", yaxis_type="category")
     return figure
