@@ -2,6 +2,8 @@
 
 import streamlit as st
 
+from pages.common import ENTRYPOINT_RAN
+
 st.set_page_config(page_title="Skin lesion CAM dashboard", page_icon=":material/dermatology:", layout="wide")
 
 PAGES = [
@@ -13,7 +15,7 @@ PAGES = [
     st.Page("pages/ablation.py", title="Ablation", icon=":material/science:"),
 ]
 
-st.session_state["app.entrypoint_ran"] = True  # pages.common.ENTRYPOINT_RAN
+st.session_state[ENTRYPOINT_RAN] = True
 
 with st.sidebar:
     st.caption("Hybrid S-ResNet with Grad-CAM: benign vs malignant skin lesions, five CNNs, their explanations.")
