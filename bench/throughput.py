@@ -1,0 +1,150 @@
+"""Benchmark: training throughput of the engine vs the plain PyTorch pipeline such papers use.
+
+Reference pipeline: torchvision ImageFolder over JPEG files, PIL transforms (Resize, RandomHorizontalFlip,
+RandomRotation, ColorJitter, ToTensor, Normalize), a DataLoader with 2 workers, fp32, NCHW, AdamW.
+Engine: images decoded once into the uint8 cache, augmentation on tensors, precision and memory format
+chosen per model by timing (bf16 + channels_last where faster). Same JPEGs (real ISIC 2017 images when
+../shared/data/isic2017 exists, else synthetic ones written as JPEG), same batch size, same models,
+measured in one process, one after the other. Prints images/s and the ratio per model and size.
+
+    python bench/throughput.py [--sizes 128 224] [--steps 6] [--images 256]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+from torchvision import datasets, transforms
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from core.augment import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
+from core.config import DataSpec, TrainConfig  # noqa: E402
+from core.datasets import prepare_data  # noqa: E402
+from core.environment import select_device  # noqa: E402
+from core.models import MODEL_REGISTRY, build_model  # noqa: E402
+from core.precision import choose_execution_plan  # noqa: E402
+from core.training import TensorData, prepare_batch  # noqa: E402
+
+ISIC = ROOT.parent / "shared" / "data" / "isic2017"
+
+
+def make_image_folder(folder: Path, count: int) -> str:
+    """Cancer/ and NotCancer/ folders of real ISIC JPEGs (links), or of synthetic JPEGs."""
+    for name in ("Cancer", "NotCancer"):
+        (folder / name).mkdir(parents=True, exist_ok=True)
+    if ISIC.exists():
+        labels = pd.read_csv(ISIC / "labels.csv").head(count)
+        for image_id, melanoma in zip(labels["image_id"], labels["melanoma"]):
+            target = folder / ("Cancer" if melanoma else "NotCancer") / f"{image_id}.jpg"
+            target.symlink_to(ISIC / "images" / f"{image_id}.jpg")
+        return f"{count} ISIC 2017 JPEGs (256 px)"
+    from PIL import Image
+
+    from core.synthetic import generate_synthetic
+
+    synthetic = generate_synthetic(count, 256, 0)
+    for index, (image, label) in enumerate(zip(synthetic.images, synthetic.labels)):
+        Image.fromarray(image).save(folder / ("Cancer" if label else "NotCancer") / f"{index}.jpg", quality=90)
+    return f"{count} synthetic JPEGs (256 px)"
+
+
+def median_step_seconds(step, steps: int) -> float:
+    """Median time between the ends of consecutive steps (so waiting for data counts), after 2 warm-up steps."""
+    ends = []
+    for _ in range(steps + 2):
+        step()
+        ends.append(time.perf_counter())
+    return statistics.median(np.diff(ends[1:]))
+
+
+def reference_images_per_second(name: str, folder: Path, size: int, batch: int, steps: int) -> float:
+    preprocessing = transforms.Compose([
+        transforms.Resize((size, size)), transforms.RandomHorizontalFlip(), transforms.RandomRotation(20),
+        transforms.ColorJitter(0.2, 0.2, 0.2, 0.03), transforms.ToTensor(),
+        transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+    ])
+    loader = torch.utils.data.DataLoader(datasets.ImageFolder(str(folder), preprocessing), batch_size=batch,
+                                         shuffle=True, num_workers=2, drop_last=True, persistent_workers=True)
+    model, _ = build_model(name, pretrained=False)
+    model.train()
+    optimiser = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    criterion = nn.CrossEntropyLoss(label_smoothing=0.1)
+    batches = iter(loader)
+
+    def step() -> None:
+        nonlocal batches
+        try:
+            images, labels = next(batches)
+        except StopIteration:
+            batches = iter(loader)
+            images, labels = next(batches)
+        loss = criterion(model(images), labels)
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+
+    return batch / median_step_seconds(step, steps)
+
+
+def engine_images_per_second(name: str, data, size: int, batch: int, steps: int, cache_dir: Path) -> tuple[float, str]:
+    config = TrainConfig(model=name, image_size=size, batch_size=batch, pretrained=False)
+    model, _ = build_model(name, pretrained=False)
+    device = select_device("auto")
+    plan = choose_execution_plan(model, config, device, cache_dir)
+    model.to(device, memory_format=plan.memory_format).train()
+    train = TensorData.from_prepared(data, "train", device)
+    optimiser = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    criterion = nn.CrossEntropyLoss(label_smoothing=0.1)
+    generator = torch.Generator().manual_seed(0)
+
+    def step() -> None:
+        rows = torch.randint(0, len(train), (batch,), generator=generator)
+        inputs = prepare_batch(train.images[rows], plan, True, generator)
+        with plan.autocast():
+            loss = criterion(model(inputs).float(), train.labels[rows].to(device))
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+        loss.item()
+
+    return batch / median_step_seconds(step, steps), plan.name
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", type=int, nargs="+", default=[128, 224])
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--images", type=int, default=256)
+    parser.add_argument("--models", nargs="+", default=list(MODEL_REGISTRY))
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as temporary:
+        folder = Path(temporary) / "images"
+        source = make_image_folder(folder, args.images)
+        print(f"{torch.get_num_threads()} threads, torch {torch.__version__}, batch {args.batch_size}, "
+              f"median of {args.steps} steps after 2 warm-up steps, {source}")
+        print(f"{'model':<16} {'size':>4} {'reference img/s':>16} {'engine img/s':>13} {'ratio':>6}  engine plan")
+        for size in args.sizes:
+            data = prepare_data(DataSpec(source=str(folder), format="imagefolder"),
+                                TrainConfig(image_size=size, split="80:20"), Path(temporary) / "cache")
+            for name in args.models:
+                reference = reference_images_per_second(name, folder, size, args.batch_size, args.steps)
+                engine, plan = engine_images_per_second(name, data, size, args.batch_size, args.steps,
+                                                        Path(temporary) / "cache")
+                print(f"{name:<16} {size:>4} {reference:>16.1f} {engine:>13.1f} {engine / reference:>5.1f}x  {plan}",
+                      flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
