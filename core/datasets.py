@@ -93,10 +93,29 @@ def normalise_name(text: str) -> str:
     return re.sub(r"[^a-z0-9]", "", str(text).lower())
 
 
+def allowed_roots() -> list[Path]:
+    """Folders named by the DATA_ROOTS environment variable (os.pathsep-separated); empty: any path."""
+    return [Path(root).expanduser().resolve() for root in os.environ.get("DATA_ROOTS", "").split(os.pathsep)
+            if root.strip()]
+
+
+def check_allowed(path: str | Path) -> None:
+    """Refuse a path outside DATA_ROOTS (classroom deployments). Symlinks are resolved first, so a
+    link inside an allowed folder cannot lead outside it."""
+    roots = allowed_roots()
+    if not roots:
+        return
+    resolved = Path(path).expanduser().resolve()
+    if not any(resolved == root or resolved.is_relative_to(root) for root in roots):
+        raise DatasetError(f"{path} is outside the folders this dashboard may read (DATA_ROOTS: "
+                           f"{', '.join(map(str, roots))})")
+
+
 def detect_format(source: str) -> str:
     """The format of a dataset path, or DatasetError saying what layouts are understood."""
     if source == "synthetic":
         return "synthetic"
+    check_allowed(source)
     path = Path(source).expanduser()
     if not path.exists():
         raise DatasetError(f"dataset path not found: {source} (expected {EXPECTED_LAYOUTS})")
@@ -122,6 +141,9 @@ def read_table(spec: DataSpec) -> tuple[str, pd.DataFrame, list[tuple[str, str]]
         raise DatasetError(f"unknown dataset format {data_format!r} (choose from {', '.join(FORMATS)})")
     if data_format == "synthetic":
         raise DatasetError("the synthetic set has no table on disk; use prepare_data")
+    for folder in (spec.source, spec.images_dir, spec.masks_dir):
+        if folder:
+            check_allowed(folder)
     path = Path(spec.source).expanduser()
     if not path.exists():
         raise DatasetError(f"dataset path not found: {spec.source}")

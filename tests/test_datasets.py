@@ -1,4 +1,5 @@
 import dataclasses
+import os
 
 import numpy as np
 import pandas as pd
@@ -173,3 +174,18 @@ def test_max_images_takes_a_stratified_subset(tmp_path):
     assert abs(data.table["label"].mean() - 0.35) < 0.1
     assert np.array_equal(data.images[0], prepare_data(spec, dataclasses.replace(TINY_CONFIG, max_images=40),
                                                        tmp_path).images[0])
+
+
+def test_data_roots_restrict_dataset_paths(tmp_path, image_folder, monkeypatch):
+    allowed = tmp_path / "allowed"
+    allowed.mkdir()
+    monkeypatch.setenv("DATA_ROOTS", str(allowed))
+    with pytest.raises(DatasetError, match="outside the folders this dashboard may read"):
+        detect_format(str(image_folder))
+    inside = allowed / "data"
+    inside.symlink_to(image_folder)  # a link inside the allowed folder that leads outside
+    with pytest.raises(DatasetError, match="outside"):
+        read_table(DataSpec(source=str(inside)))
+    monkeypatch.setenv("DATA_ROOTS", f"{allowed}{os.pathsep}{image_folder}")
+    assert detect_format(str(image_folder)) == "imagefolder"
+    assert detect_format("synthetic") == "synthetic"
