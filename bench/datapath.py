@@ -16,12 +16,10 @@ from pathlib import Path
 import torch
 from PIL import Image
 from torch import nn
-from torchvision import datasets, transforms
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from bench.throughput import make_image_folder  # noqa: E402
-from core.augment import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
+from bench.throughput import make_image_folder, reference_loader  # noqa: E402
 from core.config import DataSpec, TrainConfig  # noqa: E402
 from core.datasets import prepare_data  # noqa: E402
 from core.environment import select_device  # noqa: E402
@@ -40,19 +38,18 @@ def pil_epoch_seconds(folder: Path, size: int) -> float:
 
 
 def reference_wait_share(folder: Path, size: int, model_name: str, batch: int, steps: int) -> float:
-    preprocessing = transforms.Compose([
-        transforms.Resize((size, size)), transforms.RandomHorizontalFlip(), transforms.RandomRotation(20),
-        transforms.ColorJitter(0.2, 0.2, 0.2, 0.03), transforms.ToTensor(),
-        transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
-    loader = torch.utils.data.DataLoader(datasets.ImageFolder(str(folder), preprocessing), batch_size=batch,
-                                         shuffle=True, num_workers=2, drop_last=True)
+    loader = reference_loader(folder, size, batch, augment=True)
     model, _ = build_model(model_name, pretrained=False)
     optimiser = torch.optim.AdamW(model.parameters())
     waits, totals = [], []
     batches = iter(loader)
     for step in range(steps + 2):
         started = time.perf_counter()
-        images, labels = next(batches)
+        try:
+            images, labels = next(batches)
+        except StopIteration:  # a small folder runs out of batches: start the next epoch
+            batches = iter(loader)
+            images, labels = next(batches)
         waited = time.perf_counter() - started
         nn.functional.cross_entropy(model(images), labels).backward()
         optimiser.step()

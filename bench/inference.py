@@ -25,9 +25,7 @@ sys.path.insert(0, str(ROOT))
 
 
 def measure(pipeline: str, model_name: str, folder: str, size: int, cache_dir: str) -> dict:
-    from torchvision import datasets, transforms
-
-    from core.augment import IMAGENET_MEAN, IMAGENET_STD
+    from bench.throughput import reference_loader
     from core.config import DataSpec, TrainConfig
     from core.datasets import prepare_data
     from core.environment import select_device
@@ -49,10 +47,7 @@ def measure(pipeline: str, model_name: str, folder: str, size: int, cache_dir: s
         evaluate(model, test, plan, 64)
         seconds, count = time.perf_counter() - started, len(test)
     else:
-        preprocessing = transforms.Compose([transforms.Resize((size, size)), transforms.ToTensor(),
-                                            transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
-        loader = torch.utils.data.DataLoader(datasets.ImageFolder(folder, preprocessing), batch_size=64,
-                                             num_workers=2)
+        loader = reference_loader(Path(folder), size, 64, augment=False)
         started, count = time.perf_counter(), 0
         with torch.no_grad():
             for images, _ in loader:

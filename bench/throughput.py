@@ -67,14 +67,19 @@ def median_step_seconds(step, steps: int) -> float:
     return statistics.median(np.diff(ends[1:]))
 
 
+def reference_loader(folder: Path, size: int, batch: int, augment: bool) -> torch.utils.data.DataLoader:
+    """The plain pipeline's data: ImageFolder, PIL transforms, a DataLoader with 2 workers."""
+    steps = [transforms.Resize((size, size))]
+    if augment:
+        steps += [transforms.RandomHorizontalFlip(), transforms.RandomRotation(20),
+                  transforms.ColorJitter(0.2, 0.2, 0.2, 0.03)]
+    steps += [transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+    return torch.utils.data.DataLoader(datasets.ImageFolder(str(folder), transforms.Compose(steps)),
+                                       batch_size=batch, shuffle=augment, num_workers=2, drop_last=augment)
+
+
 def reference_images_per_second(name: str, folder: Path, size: int, batch: int, steps: int) -> float:
-    preprocessing = transforms.Compose([
-        transforms.Resize((size, size)), transforms.RandomHorizontalFlip(), transforms.RandomRotation(20),
-        transforms.ColorJitter(0.2, 0.2, 0.2, 0.03), transforms.ToTensor(),
-        transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
-    ])
-    loader = torch.utils.data.DataLoader(datasets.ImageFolder(str(folder), preprocessing), batch_size=batch,
-                                         shuffle=True, num_workers=2, drop_last=True, persistent_workers=True)
+    loader = reference_loader(folder, size, batch, augment=True)
     model, _ = build_model(name, pretrained=False)
     model.train()
     optimiser = torch.optim.AdamW(model.parameters(), lr=1e-3)

@@ -149,13 +149,16 @@ class CamExplainer:
             target_class = int(logits[0].argmax()) if target == "predicted" else int(target)
             return CamResult(self.model_name, maps[0].astype(np.float32), probability, target_class, method)
 
-    def faithfulness(self, image: torch.Tensor, result: CamResult, percentiles=(20, 40, 60, 80)) -> float:
-        """ROAD (Rong et al. 2022) combined score of the map: the confidence change when the least
-        relevant pixels are removed minus when the most relevant are removed, averaged; higher is
-        more faithful."""
+    def faithfulness(self, image_uint8: np.ndarray, result: CamResult, size: int,
+                     percentiles=(20, 40, 60, 80)) -> float:
+        """ROAD (Rong et al. 2022) combined score of the map, at the model's input `size`: the confidence
+        change when the least relevant pixels are removed minus when the most relevant are removed,
+        averaged; higher is more faithful."""
+        heat = cv2.resize(result.normalised(), (size, size))
         with self._lock:
             score = ROADCombined(percentiles=list(percentiles))(
-                image, result.normalised()[None], [ClassifierOutputSoftmaxTarget(result.target_class)], self.model)
+                image_tensor(resize_image(image_uint8, size)), heat[None],
+                [ClassifierOutputSoftmaxTarget(result.target_class)], self.model)
         return float(np.asarray(score).reshape(-1)[0])
 
 
@@ -171,6 +174,15 @@ def load_trained_model(run: dict, model_path: Path | str) -> nn.Module:
         raise ValueError(f"run {run['run_id']}: model.pt is not a plain state_dict ({error})") from None
     model.load_state_dict(state_dict)
     return model.eval()
+
+
+def resize_image(image_uint8: np.ndarray, size: int) -> np.ndarray:
+    """A square uint8 image at `size`, unchanged when it already is."""
+    if image_uint8.shape[:2] == (size, size):
+        return image_uint8
+    from PIL import Image
+
+    return np.asarray(Image.fromarray(image_uint8).resize((size, size), Image.Resampling.BILINEAR))
 
 
 def image_tensor(image_uint8: np.ndarray) -> torch.Tensor:
@@ -251,14 +263,10 @@ def explain_image(explainers: list[tuple[CamExplainer, int]], image_uint8: np.nd
                   target: str | int = "predicted", mask: np.ndarray | None = None) -> ExplainedImage:
     """Every model's map of one image; each model sees the image at its own training size and its
     map is resized back to the image's size."""
-    from PIL import Image
-
     results = []
     height, width = image_uint8.shape[:2]
     for explainer, size in explainers:
-        resized = image_uint8 if image_uint8.shape[:2] == (size, size) else np.asarray(
-            Image.fromarray(image_uint8).resize((size, size), Image.Resampling.BILINEAR))
-        result = explainer.explain(image_tensor(resized), method, target)
+        result = explainer.explain(image_tensor(resize_image(image_uint8, size)), method, target)
         if result.cam.shape != (height, width):
             result.cam = cv2.resize(result.cam, (width, height))
         results.append(result)

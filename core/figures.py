@@ -167,28 +167,27 @@ def reliability_figure(entries: list[tuple[str, list[float], list[float], float]
     return figure
 
 
+P_VALUE_COLOURS = [[0, "#c44e52"], [0.5, "#f3c6c0"], [0.5001, "#eeeeee"], [1, "#ffffff"]]  # red below 0.05
+
+
 def p_value_matrix_figure(names: list[str], p_values: np.ndarray, title: str) -> go.Figure:
     """A symmetric matrix of pairwise p-values; cells below 0.05 stand out."""
-    text = [["" if i == j else f"{p_values[i, j]:.3f}" for j in range(len(names))] for i in range(len(names))]
-    figure = go.Figure(go.Heatmap(z=np.where(np.eye(len(names), dtype=bool), np.nan, p_values), x=names, y=names,
-                                  text=text, texttemplate="%{text}", zmin=0, zmax=0.1, showscale=False,
-                                  colorscale=[[0, "#c44e52"], [0.5, "#f3c6c0"], [0.5001, "#eeeeee"], [1, "#ffffff"]],
-                                  hovertemplate="%{y} vs %{x}: p = %{text}<extra></extra>"))
-    figure.update_yaxes(autorange="reversed")
-    figure.update_layout(title=title, height=360, margin=dict(l=10, r=10, t=40, b=10))
-    return figure
+    return pairwise_matrix_figure(names, p_values, title, zmin=0.0, zmax=0.1, colour_scale=P_VALUE_COLOURS,
+                                  digits=3, label="p = ")
 
 
 def pairwise_matrix_figure(names: list[str], matrix: np.ndarray, title: str, zmin: float = 0.0,
-                           zmax: float = 1.0) -> go.Figure:
-    """A symmetric matrix of pairwise values (agreement between maps), annotated."""
-    text = [[f"{matrix[i, j]:.2f}" if np.isfinite(matrix[i, j]) else "--" for j in range(len(names))]
-            for i in range(len(names))]
-    figure = go.Figure(go.Heatmap(z=matrix, x=names, y=names, text=text, texttemplate="%{text}", zmin=zmin,
-                                  zmax=zmax, colorscale="Blues", showscale=False,
-                                  hovertemplate="%{y} vs %{x}: %{text}<extra></extra>"))
+                           zmax: float = 1.0, colour_scale="Blues", digits: int = 2, label: str = "") -> go.Figure:
+    """A symmetric matrix of pairwise values (agreement between maps, p-values), annotated; the
+    diagonal is left blank."""
+    count = len(names)
+    text = [["" if i == j else f"{matrix[i, j]:.{digits}f}" if np.isfinite(matrix[i, j]) else "--"
+             for j in range(count)] for i in range(count)]
+    figure = go.Figure(go.Heatmap(z=np.where(np.eye(count, dtype=bool), np.nan, matrix), x=names, y=names,
+                                  text=text, texttemplate="%{text}", zmin=zmin, zmax=zmax, colorscale=colour_scale,
+                                  showscale=False, hovertemplate=f"%{{y}} vs %{{x}}: {label}%{{text}}<extra></extra>"))
     figure.update_yaxes(autorange="reversed")
-    figure.update_layout(title=title, height=340, margin=dict(l=10, r=10, t=40, b=10))
+    figure.update_layout(title=title, height=360, margin=dict(l=10, r=10, t=40, b=10))
     return figure
 
 

@@ -25,7 +25,6 @@ import pandas as pd
 import torch
 
 STATUSES = ("running", "completed", "stopped", "diverged", "failed")
-FINISHED_STATUSES = ("completed", "stopped", "diverged", "failed")
 
 
 def default_runs_dir() -> Path:

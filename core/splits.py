@@ -11,8 +11,6 @@ import hashlib
 import numpy as np
 import pandas as pd
 
-SPLITS = ("train", "val", "test")
-
 
 def pick_groups(labels: np.ndarray, groups: np.ndarray, fraction: float, rng: np.random.Generator) -> np.ndarray:
     """A boolean mask over images selecting about `fraction` of the images of each class, taking

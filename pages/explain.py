@@ -19,7 +19,6 @@ from core.cams import (
     energy_inside,
     explain_image,
     explanation_panels,
-    image_tensor,
     load_trained_model,
     pointing_game_hit,
 )
@@ -237,14 +236,8 @@ def show_faithfulness(explainers, explained: ExplainedImage, names: list[str]) -
                           "map calls important are removed, compared with removing the unimportant ones. Higher is "
                           "more faithful. Costs 8 forward passes per model."):
         return
-    from PIL import Image as PilImage
-
-    rows = []
-    for name, (explainer, size), result in zip(names, explainers, explained.results):
-        image = np.asarray(PilImage.fromarray(explained.image).resize((size, size), PilImage.Resampling.BILINEAR))
-        small = type(result)(result.model, np.asarray(PilImage.fromarray(result.cam).resize((size, size))),
-                             result.probability, result.target_class, result.method)
-        rows.append({"Model": name, "ROAD score": explainer.faithfulness(image_tensor(image), small)})
+    rows = [{"Model": name, "ROAD score": explainer.faithfulness(explained.image, result, size)}
+            for name, (explainer, size), result in zip(names, explainers, explained.results)]
     st.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch", key="explain.road",
                  column_config={"ROAD score": st.column_config.NumberColumn(format="%.3f")})
 

@@ -156,6 +156,8 @@ def test_explain_image_resizes_maps_back(trained):
     big = np.asarray(Image.fromarray(data.images[0]).resize((224, 224)))
     explained = explain_image([(explainer, 96)], big)
     assert explained.results[0].cam.shape == (224, 224)
+    road = explainer.faithfulness(big, explained.results[0], 96)
+    assert np.isfinite(road) and -1 <= road <= 1
     correlation, iou = agreement_matrices(explained.results * 2)
     assert correlation[0, 1] == pytest.approx(1.0) and iou[0, 1] == pytest.approx(1.0)
 
