@@ -1,10 +1,14 @@
-"""python -m core {train,list,compare}: the engine headless, for GPU servers and scripts."""
+"""python -m core {train,resume,tune,ablate,list,compare,explain}: the engine headless, for GPU servers
+and scripts. SIGTERM (a batch scheduler's time limit, `kill`) stops the current run cleanly after its
+batch; it is stored as stopped and `python -m core resume RUN_ID` continues it."""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import signal
 import sys
+import threading
 import time
 
 from core.callbacks import BatchProgress, EpochRecord, TrainingCallback
@@ -13,11 +17,14 @@ from core.config import MODEL_NAMES, PRECISIONS, PRESETS, DataSpec, TrainConfig
 from core.datasets import FORMATS, DatasetError, prepare_data
 from core.runs import RunStore, RunStoreError, default_runs_dir
 from core.synthetic import CONFOUNDER_KINDS
-from core.training import run_training
+from core.training import resume_training, run_training
 from core.tuning import PRUNERS
 
 EXIT_BAD_INPUT = 2
 EXIT_RUN_FAILED = 1
+
+# Set by SIGTERM; every command that trains passes it on, so a stop ends the current run cleanly.
+STOP = threading.Event()
 
 # Flags that map one-to-one onto TrainConfig fields; None means "keep the preset's value".
 HYPERPARAMETER_FLAGS = (
@@ -145,6 +152,12 @@ def build_parser() -> argparse.ArgumentParser:
     ablate.add_argument("--epochs-grid", default="25,50,75,100", help="grid: epoch counts, comma-separated")
     add_training_flags(ablate)
 
+    resume = commands.add_parser("resume", help="continue stopped or killed runs from their last finished epoch",
+                                 description="Same run folder, same config and data; the run ends as if it had "
+                                             "never stopped. `python -m core list` marks the runs that can resume.")
+    resume.add_argument("runs", nargs="+", metavar="RUN_ID")
+    resume.add_argument("--runs-dir", default=str(default_runs_dir()))
+
     listing = commands.add_parser("list", help="list the stored runs", description="One line per run, newest first.")
     listing.add_argument("--runs-dir", default=str(default_runs_dir()))
 
@@ -225,12 +238,26 @@ def command_train(args: argparse.Namespace) -> int:
           file=sys.stderr)
     statuses = []
     for config in configs:
-        run = run_training(config, data, store, ProgressBar())
+        if STOP.is_set():
+            break
+        run = run_training(config, data, store, ProgressBar(), STOP)
         statuses.append(run["status"])
         print(run["run_id"])
-    print(f"{len(configs)} run(s) in {time.perf_counter() - started:.0f} s: "
+    print(f"{len(statuses)} run(s) in {time.perf_counter() - started:.0f} s: "
           + ", ".join(f"{m} {s}" for m, s in zip(models, statuses)), file=sys.stderr)
-    return 0 if all(status == "completed" for status in statuses) else EXIT_RUN_FAILED
+    return 0 if len(statuses) == len(configs) and all(s == "completed" for s in statuses) else EXIT_RUN_FAILED
+
+
+def command_resume(args: argparse.Namespace) -> int:
+    store = RunStore(args.runs_dir)
+    statuses = []
+    for run_id in args.runs:
+        if STOP.is_set():
+            break
+        run = resume_training(run_id, store, ProgressBar(), STOP)
+        statuses.append(run["status"])
+        print(run["run_id"])
+    return 0 if len(statuses) == len(args.runs) and all(s == "completed" for s in statuses) else EXIT_RUN_FAILED
 
 
 def command_tune(args: argparse.Namespace) -> int:
@@ -250,7 +277,8 @@ def command_tune(args: argparse.Namespace) -> int:
         print(f"trial {trial.number}: {trial.state.name.lower()} val AUC {value} "
               + " ".join(f"{k}={v:.3g}" for k, v in trial.params.items()), file=sys.stderr)
 
-    study = run_study(data, config, store, study_name, args.trials, args.storage, args.pruner, on_trial_end=report)
+    study = run_study(data, config, store, study_name, args.trials, args.storage, args.pruner, stop=STOP,
+                      on_trial_end=report)
     table = trials_table(study)
     print(table.to_string(index=False))
     completed = [t for t in study.trials if t.value is not None and t.state.name == "COMPLETE"]
@@ -282,7 +310,7 @@ def command_ablate(args: argparse.Namespace) -> int:
         auc = f"{test['auc']:.4f}" if test.get("auc") is not None else "--"
         print(f"{cell.key}: {(run or {}).get('status', 'not run')} test AUC {auc}", file=sys.stderr)
 
-    done = run_ablation(spec, cells, store, study, on_cell=report)
+    done = run_ablation(spec, cells, store, study, stop=STOP, on_cell=report)
     runs = [done[cell.key] for cell in cells if cell.key in done]
     if runs:
         table = comparison_table(runs, store)
@@ -301,9 +329,12 @@ def command_list(args: argparse.Namespace) -> int:
         auc = f"{test['auc']:.4f}" if test.get("auc") is not None else "--"
         accuracy = f"{test['accuracy']:.4f}" if test.get("accuracy") is not None else "--"
         config, dataset = run.get("config", {}), run.get("dataset", {})
-        print(f"{run['run_id']:<44} {run['model']:<16} {run['status']:<9} test AUC {auc} acc {accuracy} "
+        status = run["status"] + ("*" if run.get("resumable") else "")
+        print(f"{run['run_id']:<44} {run['model']:<16} {status:<10} test AUC {auc} acc {accuracy} "
               f"{dataset.get('name', '?')} {config.get('image_size', '?')}px {config.get('epochs', '?')} ep "
               f"{run.get('weights', '?')}")
+    if any(run.get("resumable") for run in runs):
+        print("* can be continued with `python -m core resume RUN_ID`", file=sys.stderr)
     return 0
 
 
@@ -375,13 +406,20 @@ def command_explain(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    commands = {"train": command_train, "tune": command_tune, "ablate": command_ablate, "list": command_list,
-                "compare": command_compare, "explain": command_explain}
+    commands = {"train": command_train, "resume": command_resume, "tune": command_tune, "ablate": command_ablate,
+                "list": command_list, "compare": command_compare, "explain": command_explain}
+    STOP.clear()
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: STOP.set()) if in_main_thread else None
     try:
         return commands[args.command](args)
     except (DatasetError, RunStoreError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
-        print("interrupted; the current run is stored as stopped", file=sys.stderr)
+        print("interrupted; the current run is stored as stopped (python -m core resume RUN_ID continues it)",
+              file=sys.stderr)
         return 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)

@@ -63,6 +63,7 @@ class PreparedData:
     masks: np.ndarray | None  # N x S x S uint8 (1 = lesion), or None when the dataset has none
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (image_id, reason)
     fingerprint: str = ""
+    spec: DataSpec | None = None  # how it was loaded, so a stopped run can load it again to resume
 
     def indices(self, split: str) -> np.ndarray:
         return np.flatnonzero(self.table["split"].to_numpy() == split)
@@ -86,6 +87,7 @@ class PreparedData:
             "class_counts": self.class_counts(),
             "has_masks": self.masks is not None,
             "skipped": len(self.skipped),
+            "spec": self.spec.to_dict() if self.spec is not None else None,
         }
 
 
@@ -244,6 +246,7 @@ def prepare_data(
         prepared = _prepare_files(spec, config, cache_dir, progress)
     _check_classes(prepared)
     prepared.table["split"] = assign_splits(prepared.table, config.test_fraction, config.val_fraction, config.seed)
+    prepared.spec = spec
     for split in ("train", "val", "test"):
         if len(prepared.indices(split)) == 0:
             raise DatasetError(f"the {split} part is empty: the dataset has too few images for this split")

@@ -20,7 +20,7 @@ from core.callbacks import BatchProgress, EpochRecord, TrainingCallback
 from core.config import DataSpec, TrainConfig
 from core.datasets import PreparedData, prepare_data
 from core.runs import RunStore
-from core.training import run_training
+from core.training import ResumeError, resume_training, run_training
 
 ACTIVE_STATES = ("queued", "preparing", "running")
 
@@ -47,6 +47,7 @@ class Job:
     # (reporting through the callback) and returns (state, error).
     task: Callable | None = None
     label: str = ""
+    resume_run: str | None = None  # continue this stopped or failed run instead of starting a new one
 
     @property
     def active(self) -> bool:
@@ -81,7 +82,8 @@ class _JobCallback(TrainingCallback):
 
     def on_run_start(self, run: dict) -> None:
         with self.queue._lock:
-            self.job.run_id, self.job.state, self.job.history = run["run_id"], "running", []
+            self.job.run_id, self.job.state = run["run_id"], "running"
+            self.job.history = list(run.get("history") or [])  # a resumed run's earlier epochs
 
     def on_batch_end(self, progress: BatchProgress) -> None:
         with self.queue._lock:
@@ -125,6 +127,26 @@ class JobQueue:
         so two trainings never share the CPU."""
         with self._lock:
             job = Job(next(self._ids), config, data, task=task, label=label)
+            self._jobs.append(job)
+            self._trim()
+            self._wake.notify()
+            return job.job_id
+
+    def submit_resume(self, run_id: str) -> int:
+        """Queue the continuation of a stopped or failed run from its last finished epoch."""
+        run = self.store.load(run_id)
+        if run is None:
+            raise ResumeError(f"no run {run_id}")
+        if not run.get("resumable"):
+            raise ResumeError(f"run {run_id} is {run['status']} and has no resume checkpoint")
+        spec = (run.get("dataset") or {}).get("spec")
+        if spec is None:
+            raise ResumeError("the run does not record how its dataset was loaded (trained by an older version)")
+        with self._lock:
+            if any(job.resume_run == run_id and job.active for job in self._jobs):
+                raise ResumeError(f"run {run_id} is already queued to resume")
+            job = Job(next(self._ids), TrainConfig.from_dict(run["config"]), DataSpec(**spec), resume_run=run_id,
+                      label=f"resume {run_id}")
             self._jobs.append(job)
             self._trim()
             self._wake.notify()
@@ -195,7 +217,10 @@ class JobQueue:
         data = self._prepare(job)
         if self._stop_current.is_set():
             return "stopped", "stopped before training started"
-        run = run_training(job.config, data, self.store, _JobCallback(self, job), self._stop_current)
+        if job.resume_run is not None:
+            run = resume_training(job.resume_run, self.store, _JobCallback(self, job), self._stop_current, data)
+        else:
+            run = run_training(job.config, data, self.store, _JobCallback(self, job), self._stop_current)
         return run["status"], run.get("error")
 
     def _prepare(self, job: Job) -> PreparedData:

@@ -4,9 +4,12 @@
     checkpoints/<run_id>/model.pt         the best epoch's state_dict (torch.load(..., weights_only=True))
     checkpoints/<run_id>/predictions.csv  image_id, split, label, prob_malignant (validation and test)
     checkpoints/<run_id>/split.csv        image_id, label, split of every image the run used
+    checkpoints/<run_id>/resume.pt        model, optimizer, scheduler and random states after the last
+                                          finished epoch; kept only while the run can be resumed
 
 Every file is written to a temporary name and renamed into place, so a crash never leaves a
-half-written file under its real name. A run whose process died while 'running' is shown as failed.
+half-written file under its real name. A run whose process died while 'running' is shown as failed,
+and a stopped or failed run with a resume.pt can be continued from its last finished epoch.
 """
 
 from __future__ import annotations
@@ -25,6 +28,8 @@ import pandas as pd
 import torch
 
 STATUSES = ("running", "completed", "stopped", "diverged", "failed")
+RESUMABLE_STATUSES = ("stopped", "failed")
+RESUME_FILE = "resume.pt"
 
 
 def default_runs_dir() -> Path:
@@ -95,6 +100,12 @@ class RunFolder:
     def save_table(self, name: str, table: pd.DataFrame) -> None:
         write_atomically(self.path / name, lambda temporary: table.to_csv(temporary, index=False))
 
+    def save_resume_state(self, state: dict) -> None:
+        write_atomically(self.path / RESUME_FILE, lambda temporary: torch.save(state, temporary))
+
+    def discard_resume_state(self) -> None:
+        (self.path / RESUME_FILE).unlink(missing_ok=True)
+
 
 class RunStore:
     """All runs under one folder (checkpoints/ by default)."""
@@ -120,6 +131,13 @@ class RunStore:
         folder.update()
         return folder
 
+    def open(self, run_id: str) -> RunFolder:
+        """The folder of an existing run, to continue writing it (resuming)."""
+        run = self.load(run_id)
+        if run is None:
+            raise KeyError(f"no run {run_id} in {self.root}")
+        return RunFolder(self.root / run_id, run)
+
     def list_runs(self) -> list[dict]:
         """Every run with a readable run.json, newest first."""
         if not self.root.is_dir():
@@ -143,7 +161,16 @@ class RunStore:
         if run.get("status") == "running" and not _process_alive(run.get("pid")):
             run["status"] = "failed"
             run["error"] = run.get("error") or "the training process ended without finishing this run"
+            remove_partial_writes(path.parent)
+        run["resumable"] = run.get("status") in RESUMABLE_STATUSES and (path.parent / RESUME_FILE).is_file()
         return run
+
+    def resume_path(self, run_id: str) -> Path:
+        return self.root / run_id / RESUME_FILE
+
+    def discard_resume_state(self, run_id: str) -> None:
+        """For a stopped run that should not go on (a pruned trial): frees its optimizer state."""
+        self.resume_path(run_id).unlink(missing_ok=True)
 
     def model_path(self, run_id: str) -> Path:
         return self.root / run_id / "model.pt"
@@ -156,6 +183,27 @@ class RunStore:
         if not (path / "run.json").exists() and not path.is_dir():
             raise KeyError(f"no run {run_id}")
         shutil.rmtree(path)
+
+
+def remove_partial_writes(folder: Path) -> list[Path]:
+    """Delete the temporary files a killed process left behind (`.NAME.PID.HEX.tmp`, see
+    write_atomically); a live process's files are left alone. Never raises: a read-only store keeps them."""
+    removed = []
+    try:
+        candidates = list(folder.glob(".*.tmp"))
+    except OSError:
+        return removed
+    for candidate in candidates:
+        parts = candidate.name.split(".")
+        pid = int(parts[-3]) if len(parts) >= 4 and parts[-3].isdigit() else None
+        if pid is not None and _process_alive(pid):
+            continue
+        try:
+            candidate.unlink()
+            removed.append(candidate)
+        except OSError:
+            pass
+    return removed
 
 
 def _process_alive(pid: Any) -> bool:

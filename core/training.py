@@ -2,8 +2,9 @@
 sampling, dropout, ImageNet normalisation; every piece switchable through TrainConfig.
 
 `run_training` is the whole run (model, precision choice, `fit`, final evaluation, run store);
-`fit` is the epoch loop; `train_one_epoch` and `evaluate` are one pass each. Progress leaves through
-callbacks; a `threading.Event` asks for a clean stop after the current batch.
+`resume_training` continues a stopped or killed run from its last finished epoch; `fit` is the epoch
+loop; `train_one_epoch` and `evaluate` are one pass each. Progress leaves through callbacks; a
+`threading.Event` asks for a clean stop after the current batch.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import os
 import threading
 import time
 import traceback
@@ -23,17 +25,51 @@ from torch import nn
 
 from core.augment import augment_batch, normalise, to_unit_float
 from core.callbacks import BatchProgress, CallbackList, EpochRecord, TrainingCallback
-from core.config import TrainConfig
-from core.datasets import PreparedData
+from core.config import DataSpec, TrainConfig
+from core.datasets import PreparedData, prepare_data
 from core.environment import describe_environment, select_device
 from core.metrics import compute_metrics, safe_auc
 from core.models import build_model
 from core.precision import ExecutionPlan, choose_execution_plan
-from core.runs import RunFolder, RunStore
+from core.runs import RESUMABLE_STATUSES, RunFolder, RunStore, remove_partial_writes
 
 
 class DivergedError(RuntimeError):
     """The loss became NaN or infinite."""
+
+
+class ResumeError(ValueError):
+    """A run that cannot be resumed; the message says why in one line."""
+
+
+@dataclass
+class TrainingState:
+    """Everything `fit` needs to continue after a finished epoch exactly as if it had never stopped:
+    weights, AdamW moments, the cosine schedule's position and both random streams (sampling and
+    augmentation; dropout). Saved as resume.pt with plain tensors, lists and numbers only, so it loads
+    with torch.load(weights_only=True)."""
+
+    epoch: int
+    model: dict
+    optimizer: dict
+    scheduler: dict | None
+    sampling_rng: torch.Tensor
+    torch_rng: torch.Tensor
+    cuda_rng: list[torch.Tensor]
+    best_epoch: int
+    best_key: tuple[float, float]
+    history: list[dict]
+
+    def to_dict(self) -> dict:
+        return {**dataclasses.asdict(self), "best_key": list(self.best_key)}
+
+    @classmethod
+    def from_dict(cls, values: dict) -> TrainingState:
+        names = {f.name for f in dataclasses.fields(cls)}
+        missing = names - set(values)
+        if missing:
+            raise ResumeError(f"resume.pt lacks {', '.join(sorted(missing))}")
+        return cls(**{**{k: values[k] for k in names}, "best_key": tuple(values["best_key"])})
 
 
 @dataclass
@@ -135,9 +171,13 @@ def evaluate(model, data: TensorData, plan: ExecutionPlan, batch_size: int,
 
 
 def fit(model: nn.Module, train: TensorData, val: TensorData, config: TrainConfig, plan: ExecutionPlan,
-        callbacks: TrainingCallback, stop: threading.Event, on_improvement=None, run_label=("", "")) -> FitResult:
+        callbacks: TrainingCallback, stop: threading.Event, on_improvement=None, run_label=("", ""),
+        resume: TrainingState | None = None, best_state: dict | None = None, on_checkpoint=None) -> FitResult:
     """The epoch loop. The best epoch is the highest validation AUC (lower validation loss breaks
-    ties); the test part is never looked at here."""
+    ties); the test part is never looked at here.
+
+    `on_checkpoint(TrainingState)` is called after every finished epoch; `resume` (with the best
+    epoch's weights as `best_state`) continues from such a state."""
     generator = torch.Generator().manual_seed(config.seed)
     criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
@@ -146,18 +186,25 @@ def fit(model: nn.Module, train: TensorData, val: TensorData, config: TrainConfi
                  if config.scheduler else None)
     result = FitResult()
     best_key = (-math.inf, -math.inf)
+    first_epoch = 1
+    if resume is not None:
+        _restore(resume, model, optimizer, scheduler, generator, plan.device)
+        result.history = [EpochRecord(**record) for record in resume.history]
+        result.best_epoch, result.best_state, best_key = resume.best_epoch, best_state, resume.best_key
+        first_epoch = resume.epoch + 1
     started = time.perf_counter()
-    for epoch in range(1, config.epochs + 1):
+    for epoch in range(first_epoch, config.epochs + 1):
         epoch_started = time.perf_counter()
         learning_rate = optimizer.param_groups[0]["lr"]
 
         def report(batch, batches, loss, seen, epoch=epoch, epoch_started=epoch_started):
             elapsed = time.perf_counter() - started
             done = (epoch - 1) * batches + batch
+            done_here = done - (first_epoch - 1) * batches  # a resumed run's earlier epochs took no time here
             rate = seen / max(time.perf_counter() - epoch_started, 1e-9)
             callbacks.on_batch_end(BatchProgress(
                 run_label[0], run_label[1], epoch, config.epochs, batch, batches, loss, rate, elapsed,
-                elapsed / done * (config.epochs * batches - done)))
+                elapsed / done_here * (config.epochs * batches - done)))
 
         try:
             train_loss, train_acc = train_one_epoch(model, train, optimizer, scheduler, criterion, plan, config,
@@ -179,13 +226,37 @@ def fit(model: nn.Module, train: TensorData, val: TensorData, config: TrainConfi
         )
         result.history.append(record)
         key = (record.val_auc if math.isfinite(record.val_auc) else -math.inf, -val_loss)
-        if key > best_key:
+        improved = key > best_key
+        if improved:
             best_key, result.best_epoch = key, epoch
             result.best_state = copy.deepcopy(model.state_dict())
-            if on_improvement:
-                on_improvement(result.best_state)
+        # The resume state is written before the best model: a kill between the two leaves a state that
+        # says "this epoch is the best" and holds its weights, so resuming can rewrite model.pt from it.
+        if on_checkpoint:
+            on_checkpoint(TrainingState(
+                epoch=epoch, model=model.state_dict(), optimizer=optimizer.state_dict(),
+                scheduler=scheduler.state_dict() if scheduler is not None else None,
+                sampling_rng=generator.get_state(), torch_rng=torch.get_rng_state(),
+                cuda_rng=torch.cuda.get_rng_state_all() if plan.device.type == "cuda" else [],
+                best_epoch=result.best_epoch, best_key=best_key,
+                history=[dict(r.__dict__) for r in result.history]))
+        if improved and on_improvement:
+            on_improvement(result.best_state)
         callbacks.on_epoch_end(record)
     return result
+
+
+def _restore(state: TrainingState, model, optimizer, scheduler, generator: torch.Generator, device) -> None:
+    model.load_state_dict(state.model)
+    optimizer.load_state_dict(state.optimizer)  # moves the moments to the parameters' device
+    if scheduler is not None:
+        if state.scheduler is None:
+            raise ResumeError("the run was trained without a scheduler but its config asks for one")
+        scheduler.load_state_dict(state.scheduler)
+    generator.set_state(state.sampling_rng)
+    torch.set_rng_state(state.torch_rng)
+    if device.type == "cuda" and state.cuda_rng:
+        torch.cuda.set_rng_state_all(state.cuda_rng)
 
 
 def run_training(config: TrainConfig, data: PreparedData, store: RunStore,
@@ -210,8 +281,75 @@ def run_training(config: TrainConfig, data: PreparedData, store: RunStore,
     })
     folder.save_table("split.csv", data.table[["image_id", "label", "split"]])
     callback.on_run_start(dict(folder.record))
+    return _run_to_the_end(model, config, data, plan, folder, callback, stop)
+
+
+def resume_training(run_id: str, store: RunStore, callbacks: list[TrainingCallback] | TrainingCallback | None = None,
+                    stop: threading.Event | None = None, data: PreparedData | None = None) -> dict:
+    """Continue a stopped or failed (killed) run from its last finished epoch, in the same run folder,
+    with the same config; the result is the run that training without the interruption would have
+    given. `data` defaults to loading the run's dataset again; it must be the same images and split.
+    Raises ResumeError when the run cannot be resumed."""
+    callback = callbacks if isinstance(callbacks, TrainingCallback) else CallbackList(callbacks or [])
+    stop = stop or threading.Event()
+    run = store.load(run_id)
+    if run is None:
+        raise ResumeError(f"no run {run_id} in {store.root}")
+    if run["status"] not in RESUMABLE_STATUSES:
+        raise ResumeError(f"run {run_id} is {run['status']}; only stopped or failed runs can be resumed")
     try:
-        outcome = _train_and_evaluate(model, config, data, plan, folder, callback, stop)
+        saved = torch.load(store.resume_path(run_id), map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise ResumeError(f"run {run_id} has no resume checkpoint (it stopped before its first epoch "
+                          "ended, or it was trained by an older version)") from None
+    except Exception as error:  # noqa: BLE001 - a damaged or crafted file is refused, never executed
+        raise ResumeError(f"the resume checkpoint of {run_id} cannot be read: {error}") from error
+    state = TrainingState.from_dict(saved)
+    config = TrainConfig.from_dict(run["config"])
+    data = data if data is not None else _load_run_data(run, config, store)
+    _check_same_data(run, data)
+    torch.manual_seed(config.seed)
+    model, _ = build_model(config.model, config.dropout, pretrained=False, warn=callback.on_warning)
+    plan = choose_execution_plan(model, config, select_device(config.device), store.cache_dir)
+    folder = store.open(run_id)
+    remove_partial_writes(folder.path)
+    if state.best_epoch == state.epoch:
+        best_state = state.model  # model.pt may predate this epoch when the kill came between the two writes
+        folder.save_model(best_state)
+    elif state.best_epoch:
+        best_state = torch.load(store.model_path(run_id), map_location="cpu", weights_only=True)
+    else:
+        best_state = None
+    record = folder.record
+    for stale in ("error", "message", "resumable", "best_epoch"):
+        record.pop(stale, None)
+    resumes = [*record.get("resumes", []), {"from_epoch": state.epoch, "at": time.time(),
+                                            "environment": describe_environment(plan.device, plan)}]
+    folder.update(status="running", pid=os.getpid(), history=state.history, metrics={}, resumes=resumes)
+    callback.on_run_start(dict(folder.record))
+    return _run_to_the_end(model, config, data, plan, folder, callback, stop, state, best_state)
+
+
+def _load_run_data(run: dict, config: TrainConfig, store: RunStore) -> PreparedData:
+    spec = run.get("dataset", {}).get("spec")
+    if spec is None:
+        raise ResumeError("the run does not record how its dataset was loaded (trained by an older version)")
+    return prepare_data(DataSpec(**spec), config, store.cache_dir)
+
+
+def _check_same_data(run: dict, data: PreparedData) -> None:
+    stored = run.get("dataset", {})
+    now = data.describe()
+    for key, what in (("fingerprint", "images"), ("split_fingerprint", "split")):
+        if stored.get(key) and stored[key] != now[key]:
+            raise ResumeError(f"the dataset's {what} changed since run {run['run_id']} started; "
+                              "it cannot be resumed on different data")
+
+
+def _run_to_the_end(model, config, data, plan, folder: RunFolder, callback, stop,
+                    resume: TrainingState | None = None, best_state: dict | None = None) -> dict:
+    try:
+        outcome = _train_and_evaluate(model, config, data, plan, folder, callback, stop, resume, best_state)
     except KeyboardInterrupt:
         folder.update(status="stopped", error="interrupted (Ctrl-C)")
         callback.on_run_end(dict(folder.record))
@@ -219,16 +357,21 @@ def run_training(config: TrainConfig, data: PreparedData, store: RunStore,
     except Exception as error:  # noqa: BLE001 - any failure is recorded in the run, not lost
         (folder.path / "traceback.txt").write_text(traceback.format_exc())
         outcome = {"status": "failed", "error": f"{type(error).__name__}: {error}"}
+    if outcome["status"] not in RESUMABLE_STATUSES:
+        folder.discard_resume_state()  # only a run that can go on keeps the large optimizer state
     record = folder.update(**outcome)
     callback.on_run_end(dict(record))
     return record
 
 
-def _train_and_evaluate(model, config, data, plan, folder: RunFolder, callback, stop) -> dict:
+def _train_and_evaluate(model, config, data, plan, folder: RunFolder, callback, stop,
+                        resume: TrainingState | None = None, best_state: dict | None = None) -> dict:
     model.to(plan.device, memory_format=plan.memory_format)
     parts = {split: TensorData.from_prepared(data, split, plan.device) for split in ("train", "val", "test")}
     result = fit(model, parts["train"], parts["val"], config, plan, _with_history(folder, callback), stop,
-                 on_improvement=folder.save_model, run_label=(folder.run_id, config.model))
+                 on_improvement=folder.save_model, run_label=(folder.run_id, config.model),
+                 resume=resume, best_state=best_state,
+                 on_checkpoint=lambda state: folder.save_resume_state(state.to_dict()))
     outcome = {"status": result.status, "best_epoch": result.best_epoch, "seconds": _seconds(folder)}
     if result.message:
         outcome["error" if result.status != "stopped" else "message"] = result.message

@@ -103,6 +103,7 @@ def run_study(data: PreparedData, base: TrainConfig, store: RunStore, study_name
                            tags={"study": study_name, "trial": trial.number})
         trial.set_user_attr("run_id", run["run_id"])
         if reporter.pruned:
+            store.discard_resume_state(run["run_id"])
             raise optuna.TrialPruned(f"pruned after epoch {len(run['history'])}")
         if run["status"] != "completed":
             raise RuntimeError(run.get("error") or f"run ended as {run['status']}")

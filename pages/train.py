@@ -12,6 +12,7 @@ from core.config import DEVICES, MODEL_NAMES, PAPER_IMAGE_SIZE, PRECISIONS, SYNT
 from core.figures import training_curves_figure
 from core.jobs import Job, QueueSnapshot
 from core.models import get_model_spec
+from core.training import ResumeError
 from pages.common import (
     LIVE_FIGURE,
     PENDING_DELETE,
@@ -181,7 +182,8 @@ def run_rows(runs: list[dict]) -> pd.DataFrame:
         config, metrics = run.get("config") or {}, run.get("metrics") or {}
         val, test = metrics.get("val") or {}, metrics.get("test") or {}
         rows.append({
-            "Run": run["run_id"], "Model": model_label(run["model"]), "Status": run.get("status"),
+            "Run": run["run_id"], "Model": model_label(run["model"]),
+            "Status": run.get("status", "") + (" · resumable" if run.get("resumable") else ""),
             "Val AUC": val.get("auc"), "Val acc": val.get("accuracy"),
             "Test AUC": test.get("auc"), "Test acc": test.get("accuracy"),
             "Seconds": run.get("seconds"), "Weights": run.get("weights"),
@@ -209,7 +211,26 @@ def run_table() -> None:
                  column_config={name: number for name in ("Val AUC", "Val acc", "Test AUC", "Test acc")}
                  | {"LR": st.column_config.NumberColumn(format="%.2e"),
                     "Weight decay": st.column_config.NumberColumn(format="%.2e")})
+    resume_widgets(runs)
     delete_widgets(store, runs)
+
+
+def resume_widgets(runs: list[dict]) -> None:
+    resumable = [run["run_id"] for run in runs if run.get("resumable")]
+    if not resumable:
+        return
+    with st.expander(f"Resume a stopped run ({len(resumable)})"):
+        st.caption("Continues from the last finished epoch with the run's own settings and data; the result "
+                   "is the run that training without the interruption would have given.")
+        choice = st.selectbox("Run", resumable, key="train.resume_choice")
+        if st.button("Resume", key="train.resume", icon=":material/play_arrow:"):
+            try:
+                shared_job_queue().submit_resume(choice)
+            except ResumeError as error:
+                st.error(str(error))
+                return
+            st.toast(f"Queued: resume {choice}")
+            st.rerun()
 
 
 def delete_widgets(store, runs: list[dict]) -> None:

@@ -28,6 +28,17 @@ def store(tmp_path) -> RunStore:
     return RunStore(tmp_path / "checkpoints")
 
 
+def write_crafted_pickle(path, marker) -> None:
+    """A .pt-looking file whose unpickling would create `marker`: proof that code ran if it exists."""
+    import pickle
+
+    class Exploit:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    path.write_bytes(pickle.dumps({"weight": Exploit()}, protocol=2))
+
+
 def write_image(path, colour=(120, 80, 60), size=(40, 30), mode="RGB", fmt=None) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     array = np.zeros((size[1], size[0], 3), dtype=np.uint8) + np.array(colour, dtype=np.uint8)

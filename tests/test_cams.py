@@ -28,7 +28,7 @@ from core.cli import main
 from core.datasets import prepare_data
 from core.models import MODEL_REGISTRY, build_model
 from core.training import run_training
-from tests.conftest import TINY_CONFIG, TINY_SYNTHETIC
+from tests.conftest import TINY_CONFIG, TINY_SYNTHETIC, write_crafted_pickle
 
 APP = str(Path(__file__).resolve().parents[1] / "streamlit_app.py")
 
@@ -160,6 +160,17 @@ def test_explain_image_resizes_maps_back(trained):
     assert np.isfinite(road) and -1 <= road <= 1
     correlation, iou = agreement_matrices(explained.results * 2)
     assert correlation[0, 1] == pytest.approx(1.0) and iou[0, 1] == pytest.approx(1.0)
+
+
+def test_a_crafted_model_file_is_refused_not_executed(trained, tmp_path):
+    from core.cams import load_trained_model
+
+    store, run, _ = trained
+    crafted, marker = tmp_path / "model.pt", tmp_path / "pwned"
+    write_crafted_pickle(crafted, marker)
+    with pytest.raises(ValueError, match="not a plain state_dict"):
+        load_trained_model(run, crafted)
+    assert not marker.exists()
 
 
 def explain_page(store, monkeypatch) -> AppTest:

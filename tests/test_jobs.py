@@ -120,3 +120,27 @@ def test_background_task_reports_progress_result_errors_and_stop():
     stopping.stop.set()
     release.set()
     assert stopping.wait(10) and stopping.result == "stopped"
+
+
+def test_a_stopped_run_is_resumed_through_the_queue(queue, store):
+    from core.training import ResumeError
+
+    queue.submit([dataclasses.replace(TINY_CONFIG, epochs=200)], TINY_SYNTHETIC)
+    wait_for(lambda: (job := queue.snapshot().current) is not None and len(job.history) >= 1)
+    queue.stop_current()
+    assert queue.wait_until_idle(timeout=120)
+    (stopped,) = queue.snapshot().jobs
+    run = store.load(stopped.run_id)
+    assert run["status"] == "stopped" and run["resumable"]
+    done = len(run["history"])
+    queue.submit_resume(stopped.run_id)
+    with pytest.raises(ResumeError, match="already queued"):
+        queue.submit_resume(stopped.run_id)
+    wait_for(lambda: (job := queue.snapshot().current) is not None and len(job.history) > done)
+    resumed = queue.snapshot().current
+    assert resumed.run_id == stopped.run_id and resumed.history[0]["epoch"] == 1  # earlier epochs carried over
+    queue.stop_current()
+    assert queue.wait_until_idle(timeout=120)
+    assert store.load(stopped.run_id)["status"] == "stopped" and len(store.list_runs()) == 1
+    with pytest.raises(ResumeError, match="no run"):
+        queue.submit_resume("missing")

@@ -1,4 +1,3 @@
-import pickle
 
 import pytest
 import torch
@@ -7,6 +6,7 @@ from torchvision import models as tv
 
 import core.models
 from core.models import MODEL_REGISTRY, HybridSResNet, build_model, get_model_spec
+from tests.conftest import write_crafted_pickle
 
 
 @pytest.mark.parametrize("name", list(MODEL_REGISTRY))
@@ -77,14 +77,11 @@ def test_local_weights_file_and_refusal_of_code(tmp_path):
     assert weights == "model.pt"
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), trained.state_dict().values()))
 
-    class Exploit:
-        def __reduce__(self):
-            return (print, ("this would run code",))
-
     crafted = tmp_path / "crafted.pt"
-    crafted.write_bytes(pickle.dumps({"weight": Exploit()}))
+    write_crafted_pickle(crafted, tmp_path / "pwned")
     with pytest.raises(ValueError, match="not a plain PyTorch state_dict"):
         build_model("resnet18", weights_file=crafted)
+    assert not (tmp_path / "pwned").exists()
     with pytest.raises(ValueError, match="not found"):
         build_model("resnet18", weights_file=tmp_path / "missing.pt")
 

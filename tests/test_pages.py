@@ -120,8 +120,39 @@ def test_a_second_session_sees_the_same_run_and_can_stop_it(tmp_path, monkeypatc
     while True:
         first.run()
         tables = [frame.value for frame in first.dataframe if "Test AUC" in frame.value.columns]
-        if tables and tables[0]["Status"].iloc[0] == "stopped":
+        if tables and tables[0]["Status"].iloc[0].startswith("stopped"):
             break
         assert time.monotonic() < deadline, "the run did not stop"
         time.sleep(0.3)
     assert len(tables[0]) == 1, "one run, not one per session"
+
+
+def test_a_stopped_run_resumes_from_the_train_page(app, tmp_path):
+    import dataclasses
+    import threading
+
+    from core.datasets import prepare_data
+    from core.runs import RunStore
+    from core.training import run_training
+    from tests.conftest import TINY_CONFIG
+    from tests.test_resume import StopAfterEpoch
+
+    store = RunStore(tmp_path / "runs")
+    config = dataclasses.replace(TINY_CONFIG, epochs=2)
+    stop = threading.Event()
+    stopped = run_training(config, prepare_data(TINY_SYNTHETIC, config, store.cache_dir), store,
+                           StopAfterEpoch(1, stop), stop)
+    app.session_state[DATA_SPEC] = TINY_SYNTHETIC
+    open_page(app, "train")
+    table = next(frame.value for frame in app.dataframe if "Test AUC" in frame.value.columns)
+    assert table["Status"].iloc[0] == "stopped · resumable"
+    assert app.selectbox(key="train.resume_choice").value == stopped["run_id"]
+    app.button(key="train.resume").click().run()
+    assert not app.exception
+    deadline = time.monotonic() + 120
+    while store.load(stopped["run_id"])["status"] != "completed":
+        assert time.monotonic() < deadline, "the resumed run did not finish"
+        time.sleep(0.3)
+    app.run()
+    table = next(frame.value for frame in app.dataframe if "Test AUC" in frame.value.columns)
+    assert list(table["Status"]) == ["completed"] and table["Test AUC"].notna().all()
