@@ -1,8 +1,18 @@
 """Entry point of the dashboard: `streamlit run streamlit_app.py`."""
 
+import logging
+
 import streamlit as st
 
 from pages.common import ENTRYPOINT_RAN
+
+# core/ logs what a server operator wants to see (model loads) on the server's console, once per process.
+core_logger = logging.getLogger("core")
+if not core_logger.handlers:
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s"))
+    core_logger.addHandler(handler)
+    core_logger.setLevel(logging.INFO)
 
 st.set_page_config(page_title="Skin lesion CAM dashboard", page_icon=":material/dermatology:", layout="wide")
 

@@ -9,8 +9,10 @@ gradients), and a lock keeps two sessions from interleaving their hooks on a sha
 from __future__ import annotations
 
 import copy
+import logging
 import math
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +37,8 @@ from torch import nn
 
 from core.augment import normalise
 from core.models import build_model, get_model_spec
+
+logger = logging.getLogger(__name__)
 
 
 class RawScale:
@@ -164,6 +168,7 @@ class CamExplainer:
 
 def load_trained_model(run: dict, model_path: Path | str) -> nn.Module:
     """A stored run's model with its best weights (torch.load with weights_only=True)."""
+    started = time.perf_counter()
     config = run.get("config") or {}
     model, _ = build_model(run["model"], dropout=float(config.get("dropout", 0.0)), pretrained=False)
     try:
@@ -173,6 +178,8 @@ def load_trained_model(run: dict, model_path: Path | str) -> nn.Module:
     except Exception as error:  # noqa: BLE001 - a file that would run code, or a damaged one
         raise ValueError(f"run {run['run_id']}: model.pt is not a plain state_dict ({error})") from None
     model.load_state_dict(state_dict)
+    # A server's log then shows how often models are loaded: once per run when caching works.
+    logger.info("loaded the model of run %s in %.2f s", run["run_id"], time.perf_counter() - started)
     return model.eval()
 
 

@@ -65,6 +65,17 @@ def write_atomically(path: Path, write) -> None:
     except OSError as error:
         temporary.unlink(missing_ok=True)
         raise RunStoreError(f"cannot write {path}: {error.strerror or error}") from error
+    except RuntimeError as error:  # torch.save reports a full disk as "enforce fail ... unexpected pos"
+        full = _free_bytes(path.parent) < 1 << 20
+        temporary.unlink(missing_ok=True)
+        raise RunStoreError(f"cannot write {path}: {'No space left on device' if full else error}") from error
+
+
+def _free_bytes(folder: Path) -> int:
+    try:
+        return shutil.disk_usage(folder).free
+    except OSError:
+        return 1 << 62
 
 
 def write_json(path: Path, content: dict) -> None:

@@ -100,11 +100,14 @@ def load_or_generate_synthetic(cache_dir: Path | str | None, **options) -> Synth
         except (OSError, ValueError, KeyError):
             pass  # a damaged cache file is simply redrawn
     dataset = generate_synthetic(**options)
-    path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_suffix(f".{os.getpid()}.tmp.npz")
-    np.savez(temporary, images=dataset.images, masks=dataset.masks, labels=dataset.labels,
-             confounded=dataset.confounded)
-    os.replace(temporary, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        np.savez(temporary, images=dataset.images, masks=dataset.masks, labels=dataset.labels,
+                 confounded=dataset.confounded)
+        os.replace(temporary, path)
+    except OSError:  # a read-only or full store: the set is drawn again next time, nothing else changes
+        temporary.unlink(missing_ok=True)
     return dataset
 
 

@@ -9,6 +9,7 @@ loop; `train_one_epoch` and `evaluate` are one pass each. Progress leaves throug
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import math
@@ -355,7 +356,8 @@ def _run_to_the_end(model, config, data, plan, folder: RunFolder, callback, stop
         callback.on_run_end(dict(folder.record))
         raise
     except Exception as error:  # noqa: BLE001 - any failure is recorded in the run, not lost
-        (folder.path / "traceback.txt").write_text(traceback.format_exc())
+        with contextlib.suppress(OSError):  # the store may be what failed (full disk)
+            (folder.path / "traceback.txt").write_text(traceback.format_exc())
         outcome = {"status": "failed", "error": f"{type(error).__name__}: {error}"}
     if outcome["status"] not in RESUMABLE_STATUSES:
         folder.discard_resume_state()  # only a run that can go on keeps the large optimizer state

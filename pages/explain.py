@@ -23,7 +23,7 @@ from core.cams import (
     pointing_game_hit,
 )
 from core.compare import default_comparison_runs
-from core.config import TrainConfig
+from core.config import DataSpec, TrainConfig
 from core.datasets import DatasetError
 from core.figures import labelled_grid, localisation_bars_figure, pairwise_matrix_figure
 from core.images import ImageError, decode_image
@@ -41,12 +41,17 @@ TASKS = "explain.tasks"  # background tasks of this session: slow CAM rows and b
 
 
 @st.cache_resource(max_entries=10, show_spinner="Loading the model ...")
-def cached_explainer(runs_dir: str, run_id: str) -> CamExplainer:
-    """One explainer per run for the whole server: models are loaded once; the explainer's lock keeps
-    sessions that use it at the same time apart."""
+def cached_explainer(runs_dir: str, run_id: str, model_version: float) -> CamExplainer:
+    """One explainer per run for the whole server: models are loaded once (Streamlit computes a missing
+    entry once even when many sessions ask at the same moment); the explainer's lock keeps sessions that
+    use it at the same time apart. `model_version` (model.pt's mtime) reloads a resumed run's model."""
     store = RunStore(runs_dir)
     run = store.load(run_id)
     return CamExplainer(load_trained_model(run, store.model_path(run_id)), run["model"])
+
+
+def model_version(store: RunStore, run_id: str) -> float:
+    return store.model_path(run_id).stat().st_mtime
 
 
 def choose_runs(store: RunStore) -> list[dict]:
@@ -61,13 +66,16 @@ def choose_runs(store: RunStore) -> list[dict]:
 
 
 def reference_data(store: RunStore, reference: dict):
-    """The Data page's dataset, split as the reference run split it, at display size (or None)."""
+    """The reference run's own dataset (the Data page's for runs that do not record theirs), split as
+    the run split it, at display size (or None)."""
     config = TrainConfig.from_dict(reference.get("config") or {})
+    recorded = (reference.get("dataset") or {}).get("spec")
+    spec = DataSpec(**recorded) if recorded else current_data_spec()
     try:
-        return load_prepared(current_data_spec(), DISPLAY_SIZE, config.split, config.val_fraction, config.seed,
+        return load_prepared(spec, DISPLAY_SIZE, config.split, config.val_fraction, config.seed,
                              config.max_images, str(store.cache_dir))
     except (DatasetError, ValueError, OSError) as error:
-        st.error(f"Cannot load the dataset chosen on the Data page: {error}")
+        st.error(f"Cannot load the dataset of run {reference['run_id']}: {error}")
         return None
 
 
@@ -80,8 +88,8 @@ def browse_test_images(store: RunStore, reference: dict) -> tuple[np.ndarray, np
     test = predictions[predictions["split"] == "test"].set_index("image_id")
     test = test[test.index.isin(data.table["image_id"])]
     if test.empty:
-        st.warning("The reference run was not tested on the dataset chosen on the Data page; choose that dataset "
-                   "there, or upload an image.")
+        st.warning("The reference run's test images are not in its dataset as it loads now (moved, changed, or "
+                   "a run that does not record its dataset and the Data page shows another one); upload an image.")
         return None
     called = (test["prob_malignant"] >= 0.5).astype(int)
     confidence_of_mistake = np.where(called != test["label"], (test["prob_malignant"] - 0.5).abs(), -1)
@@ -295,9 +303,9 @@ def main() -> None:
     settings = controls(mask is not None)
     names = [get_model_spec(run["model"]).display_name for run in runs]
     try:
-        explainers = [(cached_explainer(str(store.root), run["run_id"]), int(run["config"]["image_size"]))
-                      for run in runs]
-    except ValueError as error:
+        explainers = [(cached_explainer(str(store.root), run["run_id"], model_version(store, run["run_id"])),
+                       int(run["config"]["image_size"])) for run in runs]
+    except (ValueError, OSError) as error:
         st.error(str(error))
         return
     explained = compute_row(explainers, image, mask, label, settings, tuple(run["run_id"] for run in runs))

@@ -38,24 +38,29 @@ def runs_dir(tmp_path):
     return tmp_path / "runs"
 
 
-@pytest.fixture
-def dashboard(runs_dir):
+def start_dashboard(runs_dir, output=subprocess.PIPE) -> tuple[subprocess.Popen, str]:
+    """`streamlit run` on a free port, returned once it answers its health check."""
     port = free_port()
     environment = {**os.environ, "SKIN_RUNS_DIR": str(runs_dir)}
     server = subprocess.Popen(
         [sys.executable, "-m", "streamlit", "run", "streamlit_app.py", "--server.headless", "true",
          "--server.port", str(port), "--server.address", "127.0.0.1"],
-        cwd=ROOT, env=environment, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        cwd=ROOT, env=environment, stdout=output, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 60
     while True:
         try:
             if urllib.request.urlopen(f"{url}/_stcore/health", timeout=2).read() == b"ok":
-                break
+                return server, url
         except OSError:
             pass
         assert server.poll() is None and time.monotonic() < deadline, "streamlit did not start"
         time.sleep(0.3)
+
+
+@pytest.fixture
+def dashboard(runs_dir):
+    server, url = start_dashboard(runs_dir)
     yield url
     server.terminate()
     server.wait(timeout=20)
@@ -183,3 +188,89 @@ def test_compare_page_with_five_runs_and_its_html_report(five_runs, dashboard, p
     uploader.set_input_files(str(huge))
     page.get_by_text("image too large").wait_for(timeout=60_000)
     no_exceptions(page)
+
+
+def resident_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS")
+
+
+SESSIONS = 10
+MEMORY_GROWTH_LIMIT_MIB = 300  # ten sessions over one, on the server (measured: 75); models and data are shared
+
+
+@pytest.mark.slow
+def test_ten_sessions_at_once_on_explain_and_compare(five_runs, runs_dir, tmp_path):
+    """Ten browsers open Explain and then Compare at the same moment. Each gets exactly the figure one
+    session alone gets and the table the engine computes; the five models are loaded once; the server's
+    memory stays bounded."""
+    import asyncio
+    import threading
+
+    from playwright.async_api import async_playwright
+
+    from core.compare import build_comparison, default_comparison_runs
+
+    runs = default_comparison_runs(five_runs.list_runs())
+    expected_csv = build_comparison(five_runs, runs).table.to_csv(index=False, float_format="%.4f")
+    log = tmp_path / "server.log"
+    with open(log, "wb") as output:
+        server, url = start_dashboard(runs_dir, output)
+    peak = {"mib": 0.0}
+    sampling = threading.Event()
+
+    def sample_memory() -> None:
+        while not sampling.is_set():
+            peak["mib"] = max(peak["mib"], resident_mib(server.pid))
+            time.sleep(0.2)
+
+    async def download(page, name: str) -> bytes:
+        async with page.expect_download(timeout=120_000) as event:
+            await page.get_by_role("button", name=name).click()
+        return Path(await (await event.value).path()).read_bytes()
+
+    async def session(browser) -> tuple[bytes, str]:
+        context = await browser.new_context(viewport={"width": 1400, "height": 1800}, accept_downloads=True)
+        page = await context.new_page()
+        await page.goto(url)
+        await page.get_by_role("heading", name="Data", level=1).wait_for(timeout=120_000)
+        await page.locator("[data-testid='stSidebarNav'] a", has_text="Explain").first.click()
+        await page.get_by_text("Download the figure").wait_for(timeout=300_000)
+        assert await page.locator("[data-testid='stException']").count() == 0
+        figure = await download(page, "Download the figure (PNG)")
+        await page.locator("[data-testid='stSidebarNav'] a", has_text="Compare").first.click()
+        await page.locator(".js-plotly-plot").nth(9).wait_for(timeout=300_000)
+        assert await page.locator("[data-testid='stException']").count() == 0
+        table = (await download(page, "Table as CSV")).decode()
+        await context.close()
+        return figure, table
+
+    async def drive() -> tuple[tuple[bytes, str], list[tuple[bytes, str]], float, float]:
+        async with async_playwright() as playwright:
+            browser = await playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+            alone = await session(browser)  # the reference: one session with the server to itself
+            after_one = resident_mib(server.pid)
+            started = time.perf_counter()
+            together = await asyncio.gather(*(session(browser) for _ in range(SESSIONS)))
+            seconds = time.perf_counter() - started
+            await browser.close()
+            return alone, together, after_one, seconds
+
+    sampler = threading.Thread(target=sample_memory, daemon=True)
+    sampler.start()
+    try:
+        alone, together, after_one, seconds = asyncio.run(drive())
+    finally:
+        sampling.set()
+        server.terminate()
+        server.wait(timeout=20)
+    print(f"{SESSIONS} sessions in {seconds:.1f} s; server RSS {after_one:.0f} MiB after one session, "
+          f"peak {peak['mib']:.0f} MiB")
+    assert alone[1] == expected_csv
+    for figure, table in together:
+        assert figure == alone[0], "a session got a different Grad-CAM figure"
+        assert table == expected_csv, "a session got a different comparison table"
+    assert log.read_text().count("loaded the model of run") == len(runs), "each model is loaded once"
+    assert peak["mib"] - after_one < MEMORY_GROWTH_LIMIT_MIB
