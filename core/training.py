@@ -324,7 +324,8 @@ def resume_training(run_id: str, store: RunStore, callbacks: list[TrainingCallba
     record = folder.record
     for stale in ("error", "message", "resumable", "best_epoch"):
         record.pop(stale, None)
-    resumes = [*record.get("resumes", []), {"from_epoch": state.epoch, "at": time.time(),
+    before = record.get("seconds") or sum(entry["seconds"] for entry in state.history)  # killed runs have none
+    resumes = [*record.get("resumes", []), {"from_epoch": state.epoch, "at": time.time(), "seconds_before": before,
                                             "environment": describe_environment(plan.device, plan)}]
     folder.update(status="running", pid=os.getpid(), history=state.history, metrics={}, resumes=resumes)
     callback.on_run_start(dict(folder.record))
@@ -420,4 +421,8 @@ def _match_image_size(config: TrainConfig, data: PreparedData) -> TrainConfig:
 
 
 def _seconds(folder: RunFolder) -> float:
+    """Training time: a resumed run counts from its last resume on top of the time before, not the pause."""
+    resumes = folder.record.get("resumes") or []
+    if resumes:
+        return round(resumes[-1]["seconds_before"] + time.time() - resumes[-1]["at"], 2)
     return round(time.time() - folder.record["created_at"], 2)

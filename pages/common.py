@@ -17,7 +17,7 @@ ENTRYPOINT_RAN = "app.entrypoint_ran"  # set by streamlit_app.py on every run
 DATA_SPEC = "data.spec"  # the DataSpec last loaded without error on the Data page
 LIVE_FIGURE = "train.live_figure"  # (run id and epochs drawn, figure) of the live curves
 PENDING_DELETE = "train.pending_delete"  # run id awaiting the user's confirmation
-SEEN_FINISHED = "train.seen_finished"  # finished job count the run table was last drawn for
+SEEN_FINISHED = "train.seen_finished"  # (finished jobs, current run) the run table was last drawn for
 VALUE_PREFIX, WIDGET_PREFIX = "value.", "widget."
 
 SPLIT_RATIOS = ["80:20", "70:30", "60:40"]  # the paper's train:test ratios

@@ -159,11 +159,11 @@ def live_progress() -> None:
         if clear_column.button("Clear queue", key="train.clear", disabled=not snapshot.queued):
             st.toast(f"Removed {queue.clear_queue()} queued run(s)")
     show_queue(snapshot)
-    finished = sum(not job.active for job in snapshot.jobs)
-    if st.session_state.get(SEEN_FINISHED, finished) != finished:
-        st.session_state[SEEN_FINISHED] = finished
-        st.rerun(scope="app")  # a run ended: redraw the run table
-    st.session_state[SEEN_FINISHED] = finished
+    seen = (sum(not job.active for job in snapshot.jobs), current.run_id if current is not None else None)
+    if st.session_state.get(SEEN_FINISHED, seen) != seen:
+        st.session_state[SEEN_FINISHED] = seen
+        st.rerun(scope="app")  # a run started or ended: redraw the run table
+    st.session_state[SEEN_FINISHED] = seen
 
 
 def show_queue(snapshot: QueueSnapshot) -> None:
@@ -222,7 +222,10 @@ def resume_widgets(runs: list[dict]) -> None:
     with st.expander(f"Resume a stopped run ({len(resumable)})"):
         st.caption("Continues from the last finished epoch with the run's own settings and data; the result "
                    "is the run that training without the interruption would have given.")
-        choice = st.selectbox("Run", resumable, key="train.resume_choice")
+        by_id = {run["run_id"]: run for run in runs}
+        choice = st.selectbox("Run", resumable, key="train.resume_choice", format_func=lambda run_id: (
+            f"{model_label(by_id[run_id]['model'])} · {run_id} · {by_id[run_id]['status']} after epoch "
+            f"{len(by_id[run_id].get('history') or [])} of {(by_id[run_id].get('config') or {}).get('epochs', '?')}"))
         if st.button("Resume", key="train.resume", icon=":material/play_arrow:"):
             try:
                 shared_job_queue().submit_resume(choice)

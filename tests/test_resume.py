@@ -92,11 +92,17 @@ def test_resume_refuses_different_data(store, data):
     assert store.load(stopped["run_id"])["status"] == "stopped"  # untouched by the refusal
 
 
-def test_resume_loads_the_dataset_recorded_in_the_run(store, data):
+def test_resume_loads_the_dataset_recorded_in_the_run_and_counts_training_time_only(store, data):
     stopped = stopped_run(store, data, after_epoch=1)
+    path = store.root / stopped["run_id"] / "run.json"
+    record = json.loads(path.read_text())
+    record["created_at"] -= 3600  # stopped an hour ago: the pause is not training time
+    path.write_text(json.dumps(record))
     recorded = json.loads((store.root / stopped["run_id"] / "run.json").read_text())["dataset"]["spec"]
     assert recorded["synthetic_count"] == 40
-    assert resume_training(stopped["run_id"], store)["status"] == "completed"
+    resumed = resume_training(stopped["run_id"], store)
+    assert resumed["status"] == "completed"
+    assert stopped["seconds"] <= resumed["seconds"] < stopped["seconds"] + 300
 
 
 def test_a_crafted_resume_checkpoint_is_refused_not_executed(store, data, tmp_path):
