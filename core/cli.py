@@ -334,6 +334,7 @@ def command_list(args: argparse.Namespace) -> int:
               f"{dataset.get('name', '?')} {config.get('image_size', '?')}px {config.get('epochs', '?')} ep "
               f"{run.get('weights', '?')}")
     if any(run.get("resumable") for run in runs):
+        sys.stdout.flush()
         print("* can be continued with `python -m core resume RUN_ID`", file=sys.stderr)
     return 0
 

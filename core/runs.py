@@ -14,6 +14,7 @@ and a stopped or failed run with a resume.pt can be continued from its last fini
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -194,6 +195,39 @@ class RunStore:
         if not (path / "run.json").exists() and not path.is_dir():
             raise KeyError(f"no run {run_id}")
         shutil.rmtree(path)
+
+
+@contextlib.contextmanager
+def claimed(folder: Path, purpose: str = "resume", error: type[Exception] = RunStoreError):
+    """Hold `folder` for one process at a time (two dashboards, or a dashboard and the CLI, resuming the
+    same run); raises `error` when another live process holds it. The lock file holds the owner's pid;
+    one left by a dead process is taken over."""
+    lock = folder / f".{purpose}.lock"
+    for _ in range(2):
+        try:
+            descriptor = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            break
+        except FileExistsError:
+            try:
+                text, age = lock.read_text(), time.time() - lock.stat().st_mtime
+            except OSError:
+                continue  # released meanwhile: try again
+            holder = int(text) if text.strip().isdigit() else None
+            if (holder is not None and _process_alive(holder)) or (holder is None and age < 10):
+                raise error(f"{folder.name} is already being {purpose}d by process {holder or '?'}") from None
+            lock.unlink(missing_ok=True)
+        except OSError as failure:
+            raise error(f"cannot claim {folder.name}: {failure.strerror or failure}") from failure
+    else:
+        raise error(f"cannot claim {folder.name}: its lock keeps changing")
+    try:
+        os.write(descriptor, str(os.getpid()).encode())
+    finally:
+        os.close(descriptor)
+    try:
+        yield
+    finally:
+        lock.unlink(missing_ok=True)
 
 
 def remove_partial_writes(folder: Path) -> list[Path]:

@@ -32,7 +32,7 @@ from core.environment import describe_environment, select_device
 from core.metrics import compute_metrics, safe_auc
 from core.models import build_model
 from core.precision import ExecutionPlan, choose_execution_plan
-from core.runs import RESUMABLE_STATUSES, RunFolder, RunStore, remove_partial_writes
+from core.runs import RESUMABLE_STATUSES, RunFolder, RunStore, claimed, remove_partial_writes
 
 
 class DivergedError(RuntimeError):
@@ -293,9 +293,15 @@ def resume_training(run_id: str, store: RunStore, callbacks: list[TrainingCallba
     Raises ResumeError when the run cannot be resumed."""
     callback = callbacks if isinstance(callbacks, TrainingCallback) else CallbackList(callbacks or [])
     stop = stop or threading.Event()
-    run = store.load(run_id)
-    if run is None:
+    if store.load(run_id) is None:
         raise ResumeError(f"no run {run_id} in {store.root}")
+    with claimed(store.root / run_id, error=ResumeError):
+        return _resume_claimed(run_id, store, callback, stop, data)
+
+
+def _resume_claimed(run_id: str, store: RunStore, callback: TrainingCallback, stop: threading.Event,
+                    data: PreparedData | None) -> dict:
+    run = store.load(run_id)  # again, now that no other process can change it
     if run["status"] not in RESUMABLE_STATUSES:
         raise ResumeError(f"run {run_id} is {run['status']}; only stopped or failed runs can be resumed")
     try:

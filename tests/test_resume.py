@@ -118,3 +118,22 @@ def test_resume_state_loads_with_weights_only(store, data):
     stopped = stopped_run(store, data, after_epoch=1)
     state = torch.load(store.resume_path(stopped["run_id"]), weights_only=True)
     assert state["epoch"] == 1 and "exp_avg" in state["optimizer"]["state"][0]
+
+
+def test_a_run_being_resumed_by_another_process_is_refused(store, data):
+    import subprocess
+    import sys
+
+    stopped = stopped_run(store, data, after_epoch=1)
+    lock = store.root / stopped["run_id"] / ".resume.lock"
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        lock.write_text(str(holder.pid))
+        with pytest.raises(ResumeError, match=f"already being resumed by process {holder.pid}"):
+            resume_training(stopped["run_id"], store)
+    finally:
+        holder.kill()
+        holder.wait()
+    # The holder died without releasing: its lock is taken over.
+    assert resume_training(stopped["run_id"], store)["status"] == "completed"
+    assert not lock.exists()
