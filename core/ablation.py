@@ -13,7 +13,7 @@ from core.callbacks import TrainingCallback
 from core.config import DataSpec, TrainConfig
 from core.datasets import PreparedData, prepare_data
 from core.runs import RunStore
-from core.training import run_training
+from core.training import ResumeError, resume_training, run_training
 
 
 @dataclass(frozen=True)
@@ -54,12 +54,23 @@ def completed_cells(store: RunStore, study: str) -> dict[str, dict]:
     return done
 
 
+def resumable_cells(store: RunStore, study: str) -> dict[str, dict]:
+    """Cell key -> the newest stopped or killed run of that cell that can continue from its last epoch."""
+    found = {}
+    for run in store.list_runs():
+        tags = run.get("tags") or {}
+        if tags.get("ablation") == study and run.get("resumable"):
+            found.setdefault(tags.get("cell"), run)
+    return found
+
+
 def run_ablation(spec: DataSpec, cells: list[AblationCell], store: RunStore, study: str,
                  callbacks: list[TrainingCallback] | None = None, stop: threading.Event | None = None,
                  on_cell: Callable[[AblationCell, dict | None], None] | None = None) -> dict[str, dict]:
-    """Train every cell not yet completed; returns cell key -> run for all completed cells."""
+    """Train every cell not yet completed (a stopped cell continues from its last epoch); returns cell
+    key -> run for all completed cells."""
     stop = stop or threading.Event()
-    done = completed_cells(store, study)
+    done, interrupted = completed_cells(store, study), resumable_cells(store, study)
     prepared: dict[tuple, PreparedData] = {}
     for cell in cells:
         if stop.is_set():
@@ -72,9 +83,23 @@ def run_ablation(spec: DataSpec, cells: list[AblationCell], store: RunStore, stu
         key = (config.image_size, config.split, config.val_fraction, config.seed, config.max_images)
         if key not in prepared:  # cells that share a split share the decoded data
             prepared[key] = prepare_data(spec, config, store.cache_dir)
-        run = run_training(config, prepared[key], store, callbacks, stop, tags={"ablation": study, "cell": cell.key})
+        tags = {"ablation": study, "cell": cell.key}
+        run = _continue_cell(interrupted.get(cell.key), config, prepared[key], store, callbacks, stop)
+        if run is None:
+            run = run_training(config, prepared[key], store, callbacks, stop, tags=tags)
         if run["status"] == "completed":
             done[cell.key] = run
         if on_cell:
             on_cell(cell, run)
     return done
+
+
+def _continue_cell(run: dict | None, config: TrainConfig, data: PreparedData, store: RunStore, callbacks,
+                   stop: threading.Event) -> dict | None:
+    """Resume the cell's interrupted run when it was trained with this very config; None otherwise."""
+    if run is None or TrainConfig.from_dict(run.get("config") or {}) != config:
+        return None
+    try:
+        return resume_training(run["run_id"], store, callbacks, stop, data)
+    except ResumeError:
+        return None  # e.g. another process holds it: train the cell afresh

@@ -46,6 +46,7 @@ def test_bad_trials_are_pruned_after_an_epoch(tiny_data, store):
     assert trial.state.name == "PRUNED"
     run = store.load(trial.user_attrs["run_id"])
     assert run["status"] == "stopped" and len(run["history"]) == 1
+    assert not run["resumable"], "a pruned trial keeps no optimizer state"
 
 
 def test_component_ablation_runs_each_step_once(store):
@@ -59,6 +60,32 @@ def test_component_ablation_runs_each_step_once(store):
     again = run_ablation(TINY_SYNTHETIC, cells, store, "components")
     assert len(store.list_runs()) == 5, "finished cells are not redone"
     assert {run["run_id"] for run in again.values()} == {run["run_id"] for run in done.values()}
+
+
+def test_an_interrupted_ablation_cell_continues_from_its_last_epoch(store):
+    import threading
+
+    from core.callbacks import TrainingCallback
+
+    cells = component_cells(dataclasses.replace(TINY_CONFIG, epochs=3))[:1]
+    stop = threading.Event()
+
+    class StopAfterFirstEpoch(TrainingCallback):
+        def on_epoch_end(self, record) -> None:
+            stop.set()
+
+    assert run_ablation(TINY_SYNTHETIC, cells, store, "cut", [StopAfterFirstEpoch()], stop) == {}
+    (stopped,) = store.list_runs()
+    assert stopped["status"] == "stopped" and stopped["resumable"]
+    epochs = []
+
+    class Epochs(TrainingCallback):
+        def on_epoch_end(self, record) -> None:
+            epochs.append(record.epoch)
+
+    done = run_ablation(TINY_SYNTHETIC, cells, store, "cut", [Epochs()])
+    assert epochs == [2, 3], "the cell went on from epoch 2 instead of starting again"
+    assert [run["run_id"] for run in done.values()] == [stopped["run_id"]] and len(store.list_runs()) == 1
 
 
 def test_grid_cells_cover_split_and_epochs():
