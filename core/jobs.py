@@ -20,7 +20,7 @@ from core.callbacks import BatchProgress, EpochRecord, TrainingCallback
 from core.config import DataSpec, TrainConfig
 from core.datasets import PreparedData, prepare_data
 from core.runs import RunStore
-from core.training import ResumeError, resume_training, run_training
+from core.training import ResumeError, recorded_data_spec, resume_training, run_training
 
 ACTIVE_STATES = ("queued", "preparing", "running")
 
@@ -139,13 +139,11 @@ class JobQueue:
             raise ResumeError(f"no run {run_id}")
         if not run.get("resumable"):
             raise ResumeError(f"run {run_id} is {run['status']} and has no resume checkpoint")
-        spec = (run.get("dataset") or {}).get("spec")
-        if spec is None:
-            raise ResumeError("the run does not record how its dataset was loaded (trained by an older version)")
+        spec = recorded_data_spec(run)
         with self._lock:
             if any(job.resume_run == run_id and job.active for job in self._jobs):
                 raise ResumeError(f"run {run_id} is already queued to resume")
-            job = Job(next(self._ids), TrainConfig.from_dict(run["config"]), DataSpec(**spec), resume_run=run_id,
+            job = Job(next(self._ids), TrainConfig.from_dict(run["config"]), spec, resume_run=run_id,
                       label=f"resume {run_id}")
             self._jobs.append(job)
             self._trim()

@@ -198,11 +198,11 @@ class RunStore:
 
 
 @contextlib.contextmanager
-def claimed(folder: Path, purpose: str = "resume", error: type[Exception] = RunStoreError):
-    """Hold `folder` for one process at a time (two dashboards, or a dashboard and the CLI, resuming the
-    same run); raises `error` when another live process holds it. The lock file holds the owner's pid;
-    one left by a dead process is taken over."""
-    lock = folder / f".{purpose}.lock"
+def claimed_for_resume(folder: Path, error: type[Exception] = RunStoreError):
+    """Hold a run folder for one process at a time (two dashboards, or a dashboard and the CLI, resuming
+    the same run); raises `error` when another live process holds it. The lock file holds the owner's
+    pid; one left by a dead process is taken over."""
+    lock = folder / ".resume.lock"
     for _ in range(2):
         try:
             descriptor = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
@@ -214,7 +214,7 @@ def claimed(folder: Path, purpose: str = "resume", error: type[Exception] = RunS
                 continue  # released meanwhile: try again
             holder = int(text) if text.strip().isdigit() else None
             if (holder is not None and _process_alive(holder)) or (holder is None and age < 10):
-                raise error(f"{folder.name} is already being {purpose}d by process {holder or '?'}") from None
+                raise error(f"{folder.name} is already being resumed by process {holder or '?'}") from None
             lock.unlink(missing_ok=True)
         except OSError as failure:
             raise error(f"cannot claim {folder.name}: {failure.strerror or failure}") from failure
@@ -230,25 +230,19 @@ def claimed(folder: Path, purpose: str = "resume", error: type[Exception] = RunS
         lock.unlink(missing_ok=True)
 
 
-def remove_partial_writes(folder: Path) -> list[Path]:
+def remove_partial_writes(folder: Path) -> None:
     """Delete the temporary files a killed process left behind (`.NAME.PID.HEX.tmp`, see
     write_atomically); a live process's files are left alone. Never raises: a read-only store keeps them."""
-    removed = []
     try:
         candidates = list(folder.glob(".*.tmp"))
     except OSError:
-        return removed
+        return
     for candidate in candidates:
         parts = candidate.name.split(".")
         pid = int(parts[-3]) if len(parts) >= 4 and parts[-3].isdigit() else None
-        if pid is not None and _process_alive(pid):
-            continue
-        try:
-            candidate.unlink()
-            removed.append(candidate)
-        except OSError:
-            pass
-    return removed
+        if pid is None or not _process_alive(pid):
+            with contextlib.suppress(OSError):
+                candidate.unlink()
 
 
 def _process_alive(pid: Any) -> bool:

@@ -32,7 +32,7 @@ from core.environment import describe_environment, select_device
 from core.metrics import compute_metrics, safe_auc
 from core.models import build_model
 from core.precision import ExecutionPlan, choose_execution_plan
-from core.runs import RESUMABLE_STATUSES, RunFolder, RunStore, claimed, remove_partial_writes
+from core.runs import RESUMABLE_STATUSES, RunFolder, RunStore, claimed_for_resume, remove_partial_writes
 
 
 class DivergedError(RuntimeError):
@@ -62,7 +62,8 @@ class TrainingState:
     history: list[dict]
 
     def to_dict(self) -> dict:
-        return {**dataclasses.asdict(self), "best_key": list(self.best_key)}
+        # Not dataclasses.asdict: that deep-copies every tensor (weights and both AdamW moments) each epoch.
+        return {**{f.name: getattr(self, f.name) for f in dataclasses.fields(self)}, "best_key": list(self.best_key)}
 
     @classmethod
     def from_dict(cls, values: dict) -> TrainingState:
@@ -295,7 +296,7 @@ def resume_training(run_id: str, store: RunStore, callbacks: list[TrainingCallba
     stop = stop or threading.Event()
     if store.load(run_id) is None:
         raise ResumeError(f"no run {run_id} in {store.root}")
-    with claimed(store.root / run_id, error=ResumeError):
+    with claimed_for_resume(store.root / run_id, error=ResumeError):
         return _resume_claimed(run_id, store, callback, stop, data)
 
 
@@ -338,11 +339,16 @@ def _resume_claimed(run_id: str, store: RunStore, callback: TrainingCallback, st
     return _run_to_the_end(model, config, data, plan, folder, callback, stop, state, best_state)
 
 
-def _load_run_data(run: dict, config: TrainConfig, store: RunStore) -> PreparedData:
-    spec = run.get("dataset", {}).get("spec")
+def recorded_data_spec(run: dict) -> DataSpec:
+    """How the run's dataset was loaded, to load it again for resuming."""
+    spec = (run.get("dataset") or {}).get("spec")
     if spec is None:
         raise ResumeError("the run does not record how its dataset was loaded (trained by an older version)")
-    return prepare_data(DataSpec(**spec), config, store.cache_dir)
+    return DataSpec(**spec)
+
+
+def _load_run_data(run: dict, config: TrainConfig, store: RunStore) -> PreparedData:
+    return prepare_data(recorded_data_spec(run), config, store.cache_dir)
 
 
 def _check_same_data(run: dict, data: PreparedData) -> None:
