@@ -14,7 +14,7 @@ from core import figures
 from core.config import MODEL_NAMES
 from core.metrics import compute_metrics, precision_recall_curve, predict_labels, roc_curve
 from core.models import get_model_spec
-from core.runs import RunStore
+from core.runs import RunStore, is_ordinary_run
 from core.stats import (
     DEFAULT_RESAMPLES,
     DEFAULT_SEED,
@@ -41,11 +41,12 @@ COMPARISON_COLUMNS = (
 
 
 def default_comparison_runs(runs: list[dict], dataset_fingerprint: str | None = None) -> list[dict]:
-    """The newest completed run of each model (on one dataset, if given), in registry order."""
+    """The newest completed ordinary run of each model (on one dataset, if given), in registry order.
+    Tuning trials and ablation cells are never defaults: their recipes differ on purpose."""
     latest = {}
     for run in runs:  # newest first
         same_data = dataset_fingerprint is None or run.get("dataset", {}).get("fingerprint") == dataset_fingerprint
-        if run.get("status") == "completed" and same_data:
+        if run.get("status") == "completed" and same_data and is_ordinary_run(run):
             latest.setdefault(run["model"], run)
     return [latest[name] for name in MODEL_NAMES if name in latest]
 

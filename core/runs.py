@@ -197,6 +197,31 @@ class RunStore:
         shutil.rmtree(path)
 
 
+def run_purpose(run: dict) -> str:
+    """What a run was trained for, from its tags: 'Tune trial 3 of study hybrid-ham',
+    'Ablation: + augmentation (study ablation-components)', or 'Training' for an ordinary run (from
+    the Train page or the CLI)."""
+    tags = run.get("tags") or {}
+    if "study" in tags:
+        return f"Tune trial {tags.get('trial', '?')} of study {tags['study']}"
+    if "ablation" in tags:
+        return f"Ablation: {tags.get('cell', '?')} (study {tags['ablation']})"
+    return "Training"
+
+
+def is_ordinary_run(run: dict) -> bool:
+    """Started to train a model, not as a tuning trial or an ablation cell (whose recipes differ on
+    purpose: the ablation's baseline has no augmentation, sampler, smoothing or scheduler)."""
+    tags = run.get("tags") or {}
+    return "study" not in tags and "ablation" not in tags
+
+
+def run_label(run: dict, display_name: str) -> str:
+    """The one way a run is named in every run list: model, purpose (when not ordinary) and run id."""
+    purpose = "" if is_ordinary_run(run) else f" · {run_purpose(run)}"
+    return f"{display_name}{purpose} · {run['run_id']}"
+
+
 @contextlib.contextmanager
 def claimed_for_resume(folder: Path, error: type[Exception] = RunStoreError):
     """Hold a run folder for one process at a time (two dashboards, or a dashboard and the CLI, resuming

@@ -10,7 +10,8 @@ import streamlit as st
 from core.config import PRESETS, DataSpec, TrainConfig
 from core.datasets import PreparedData, prepare_data
 from core.jobs import JobQueue, shared_queue
-from core.runs import RunStore, default_runs_dir
+from core.models import get_model_spec
+from core.runs import RunStore, default_runs_dir, run_label
 
 # Session-state keys.
 ENTRYPOINT_RAN = "app.entrypoint_ran"  # set by streamlit_app.py on every run
@@ -18,6 +19,8 @@ DATA_SPEC = "data.spec"  # the DataSpec last loaded without error on the Data pa
 LIVE_FIGURE = "train.live_figure"  # (run id and epochs drawn, figure) of the live curves
 PENDING_DELETE = "train.pending_delete"  # run id awaiting the user's confirmation
 SEEN_FINISHED = "train.seen_finished"  # (finished jobs, current run) the run table was last drawn for
+# Set by Compare's per-image explorer: {"run_ids": [...], "image_ids": [...]} for the Explain page to open.
+EXPLAIN_REQUEST = "explain.request"
 VALUE_PREFIX, WIDGET_PREFIX = "value.", "widget."
 
 SPLIT_RATIOS = ["80:20", "70:30", "60:40"]  # the paper's train:test ratios
@@ -109,3 +112,9 @@ def dataset_label(spec: DataSpec) -> str:
             if spec.confounder_fraction else ""
         return f"built-in synthetic set ({spec.synthetic_count} images, seed {spec.synthetic_seed}{confounder})"
     return f"{spec.source} ({spec.format})"
+
+
+def run_choice_label(run: dict) -> str:
+    """How every page names a run in its lists: model, purpose when it is a tuning trial or an ablation
+    cell, and run id."""
+    return run_label(run, get_model_spec(run["model"]).display_name)
