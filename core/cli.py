@@ -12,7 +12,14 @@ import threading
 import time
 
 from core.callbacks import BatchProgress, EpochRecord, TrainingCallback
-from core.compare import comparison_table, default_comparison_runs, format_table, tested_on_same_images
+from core.compare import (
+    build_comparison,
+    comparison_table,
+    default_comparison_runs,
+    format_table,
+    paper_table,
+    tested_on_same_images,
+)
 from core.config import MODEL_NAMES, PRECISIONS, PRESETS, DataSpec, TrainConfig
 from core.datasets import FORMATS, DatasetError, prepare_data
 from core.runs import RunStore, RunStoreError, default_runs_dir
@@ -173,6 +180,12 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--seed", type=int, default=0, help="seed of the bootstrap")
     compare.add_argument("--report", metavar="PATH.html",
                          help="also write the Compare page (table, figures, tests) as one self-contained HTML file")
+    operating_point = compare.add_mutually_exclusive_group()
+    operating_point.add_argument("--threshold", type=float, metavar="P",
+                                 help="judge every model at this threshold on P(malignant) (default: each run's own)")
+    operating_point.add_argument("--sensitivity", type=float, metavar="S",
+                                 help="judge each model at the highest threshold reaching sensitivity S on its "
+                                      "validation predictions (the Compare page's 'sensitivity >= X')")
     compare.add_argument("--runs-dir", default=str(default_runs_dir()))
     explain = commands.add_parser("explain", help="CAMs of the five models on one image, as a PNG figure",
                                   description="The Explain page's figure, headless: heatmap and contour overlays "
@@ -354,12 +367,15 @@ def command_compare(args: argparse.Namespace) -> int:
     if len(runs) > 1 and not tested_on_same_images(runs):
         print("warning: these runs were tested on different images; the comparison is not paired",
               file=sys.stderr)
-    print(format_table(comparison_table(runs, store, args.resamples, args.seed), args.format))
+    for value, name in ((args.threshold, "--threshold"), (args.sensitivity, "--sensitivity")):
+        if value is not None and not 0 < value < 1:
+            raise ValueError(f"{name} must be between 0 and 1, not {value}")
+    comparison = build_comparison(store, runs, args.threshold, args.sensitivity, args.resamples, args.seed)
+    print(f"operating point: {comparison.operating_point}", file=sys.stderr)
+    print(format_table(paper_table(comparison), args.format))
     if args.report:
-        from core.compare import build_comparison
         from core.report import write_html_report
 
-        comparison = build_comparison(store, runs, resamples=args.resamples, seed=args.seed)
         try:
             path = write_html_report(comparison, args.report)
         except OSError as error:

@@ -21,6 +21,7 @@ from core.stats import (
     bootstrap_metrics,
     calibration,
     delong_test,
+    format_p_value,
     mcnemar_test,
     partial_auc_above_sensitivity,
     threshold_for_sensitivity,
@@ -62,10 +63,14 @@ def comparison_table(runs: list[dict], store: RunStore, resamples: int = DEFAULT
     """One row per run with readable predictions: Model, Run, then for each column of
     COMPARISON_COLUMNS its value and the bounds of its 95% bootstrap interval ('<title> low',
     '<title> high'; NaN for train accuracy, whose predictions are not stored)."""
-    table = build_comparison(store, runs, resamples=resamples, seed=seed).table
+    return paper_table(build_comparison(store, runs, resamples=resamples, seed=seed))
+
+
+def paper_table(comparison: Comparison) -> pd.DataFrame:
+    """The comparison's columns of the paper's Tables 1 and 2 (extended), with interval bounds."""
     columns = ["Model", "Run"] + [f"{title}{part}" for title, _, _ in COMPARISON_COLUMNS
                                   for part in ("", " low", " high")]
-    return table.reindex(columns=columns)
+    return comparison.table.reindex(columns=columns)
 
 
 def with_intervals_as_text(table: pd.DataFrame, digits: int = 4) -> pd.DataFrame:
@@ -114,6 +119,27 @@ class Comparison:
     delong: np.ndarray | None = None  # pairwise p-values, None when the test images differ
     mcnemar: np.ndarray | None = None
     readings: list[str] = field(default_factory=list)
+    operating_point: str = "each run's own decision threshold"
+    target_sensitivity: float | None = None
+
+
+def describe_operating_point(threshold: float | None, target_sensitivity: float | None) -> str:
+    """The operating point in words, as the page, the CLI and the report state it."""
+    if target_sensitivity is not None:
+        return (f"sensitivity ≥ {target_sensitivity:.2f}: each model's threshold is the highest that reaches it "
+                "on its validation predictions")
+    if threshold is not None:
+        return f"decision threshold {threshold:.2f} on P(malignant) for every model"
+    return "each run's own decision threshold (its --threshold, 0.5 by default)"
+
+
+def sensitivity_shortfalls(comparison: Comparison) -> list[tuple[str, float]]:
+    """(model, test sensitivity) for the models whose test sensitivity fell below the target that
+    their threshold reached on validation: a threshold chosen on one set does not carry over exactly."""
+    if comparison.target_sensitivity is None:
+        return []
+    return [(row["Model"], float(row["Recall"])) for row in comparison.table.to_dict("records")
+            if np.isfinite(row["Recall"]) and row["Recall"] < comparison.target_sensitivity]
 
 
 def load_predictions(store: RunStore, runs: list[dict], names: list[str] | None = None) -> list[ModelPredictions]:
@@ -149,7 +175,8 @@ def build_comparison(store: RunStore, runs: list[dict], threshold: float | None 
     table = pd.DataFrame(rows)
     paired = len(entries) > 1 and all(
         entry.test["image_id"].tolist() == entries[0].test["image_id"].tolist() for entry in entries)
-    comparison = Comparison(entries, table, paired)
+    comparison = Comparison(entries, table, paired, operating_point=describe_operating_point(
+        threshold, target_sensitivity), target_sensitivity=target_sensitivity)
     if paired:
         comparison.delong, comparison.mcnemar = _pairwise_tests(entries)
         comparison.readings = _readings(entries, comparison.delong, comparison.mcnemar)
@@ -199,11 +226,96 @@ def _readings(entries, delong: np.ndarray, mcnemar: np.ndarray) -> list[str]:
             lines.append(f"{test_name}: no significant difference in {what} between any two models at "
                          f"{SIGNIFICANCE} (no correction for multiple comparisons).")
         else:
-            listed = "; ".join(f"{a} vs {b} (p = {p:.3g})" for a, b, p in pairs)
+            listed = "; ".join(f"{a} vs {b} (p {_p_text(p)})" for a, b, p in pairs)
             lines.append(f"{test_name}: {what} differs significantly at {SIGNIFICANCE} for {listed} "
                          f"(uncorrected; with {len(entries) * (len(entries) - 1) // 2} comparisons, "
                          "expect some false alarms).")
     return lines
+
+
+# The order of the page's and the report's table: what a reader looks for first stays at the left, so
+# model, AUC, sensitivity and specificity are visible without scrolling sideways.
+DISPLAY_ORDER = ("AUC", "Recall", "Specificity", "Test acc", "Precision", "F1", "Kappa", "G-mean", "MCC",
+                 "Balanced acc", "pAUC (sens >= 0.8)", "ECE", "Brier", "Train acc")
+DISPLAY_TITLES = {"Recall": "Sensitivity (recall)", "pAUC (sens >= 0.8)": "pAUC (sens ≥ 0.8)"}
+LOWER_IS_BETTER = {"ECE", "Brier"}
+PAUC_NOTE = ("pAUC (sens ≥ 0.8): the area under the ROC curve where sensitivity is at least 0.8, as ISIC 2024 "
+             "scores it. It runs from 0 to 0.2: 0.2 is a perfect model, 0.02 a random one.")
+
+
+def display_table(comparison: Comparison) -> pd.DataFrame:
+    """The comparison as text, one row per model: value and 95% interval per metric, in DISPLAY_ORDER."""
+    table = comparison.table
+    shown = pd.DataFrame({"Model": table["Model"], "Threshold": [f"{value:.3f}" for value in table["Threshold"]]})
+    for column in DISPLAY_ORDER:
+        lows = table[f"{column} low"] if f"{column} low" in table else [math.nan] * len(table)
+        highs = table[f"{column} high"] if f"{column} high" in table else [math.nan] * len(table)
+        shown[DISPLAY_TITLES.get(column, column)] = [
+            "--" if not np.isfinite(v) else f"{v:.3f}" + (f" [{lo:.3f}, {hi:.3f}]" if np.isfinite(lo) else "")
+            for v, lo, hi in zip(table[column], lows, highs)]
+    return shown
+
+
+def best_in_column(comparison: Comparison) -> dict[str, np.ndarray]:
+    """Display title -> which rows hold the best value of that metric (none with fewer than two runs)."""
+    best = {}
+    if len(comparison.table) < 2:
+        return best
+    for column in DISPLAY_ORDER:
+        values = comparison.table[column].to_numpy(dtype=float)
+        if np.isfinite(values).any():
+            target = np.nanmin(values) if column in LOWER_IS_BETTER else np.nanmax(values)
+            best[DISPLAY_TITLES.get(column, column)] = values == target
+    return best
+
+
+def per_image_table(comparison: Comparison) -> pd.DataFrame:
+    """One row per test image of a paired comparison: image_id, true class, each model's P(malignant)
+    (a column per model name), how many models call it malignant at their thresholds, whether they
+    disagree, how many are wrong, the spread of P(malignant) across models, and the confidence of the
+    most confident wrong call (its P, or 1 - P for a wrong benign call; 0 when no model is wrong)."""
+    if not comparison.paired or not comparison.entries:
+        return pd.DataFrame()
+    first = comparison.entries[0].test
+    labels = first["label"].to_numpy(dtype=int)
+    table = pd.DataFrame({"image_id": first["image_id"].to_numpy(),
+                          "true class": np.where(labels == 1, "malignant", "benign")})
+    probabilities = np.column_stack([entry.test["prob_malignant"].to_numpy(dtype=float)
+                                     for entry in comparison.entries])
+    calls = np.column_stack([predict_labels(probabilities[:, index], entry.threshold)
+                             for index, entry in enumerate(comparison.entries)])
+    for index, entry in enumerate(comparison.entries):
+        table[entry.name] = probabilities[:, index]
+    wrong = calls != labels[:, None]
+    confidence = np.where(calls == 1, probabilities, 1 - probabilities)
+    table["called malignant"] = calls.sum(1)
+    table["models disagree"] = (calls.min(1) != calls.max(1))
+    table["models wrong"] = wrong.sum(1)
+    table["spread"] = probabilities.max(1) - probabilities.min(1)
+    table["worst mistake"] = np.where(wrong, confidence, 0.0).max(1)
+    return table
+
+
+IMAGE_FILTERS = ("All test images", "Models disagree at their thresholds", "Most confident mistakes",
+                 "True benign", "True malignant")
+
+
+def filter_images(table: pd.DataFrame, which: str, mistakes: int = 20) -> pd.DataFrame:
+    """The rows of per_image_table one of IMAGE_FILTERS keeps; the confident mistakes come worst first."""
+    if table.empty or which == "All test images":
+        return table
+    if which == "Models disagree at their thresholds":
+        return table[table["models disagree"]].sort_values("spread", ascending=False)
+    if which == "Most confident mistakes":
+        return table[table["models wrong"] > 0].sort_values("worst mistake", ascending=False).head(mistakes)
+    if which in ("True benign", "True malignant"):
+        return table[table["true class"] == which.split()[1]]
+    raise ValueError(f"unknown filter {which!r} (choose from {', '.join(IMAGE_FILTERS)})")
+
+
+def _p_text(p_value: float) -> str:
+    text = format_p_value(p_value)
+    return text if text.startswith("<") else f"= {text}"
 
 
 def comparison_figures(comparison: Comparison) -> dict[str, object]:

@@ -2,17 +2,41 @@
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from core.datasets import CLASS_NAMES
+from core.stats import format_p_value
+
+# Importing streamlit makes its own template plotly's default; its colours are placeholders such as
+# "#000033" that only Streamlit's front end resolves. Every figure names its template, so that a
+# figure exported from the dashboard (the HTML report) looks as it does from the CLI.
+TEMPLATE = "plotly_white"
+
+
+def templated(build):
+    """Give the plotly figure `build` returns this module's template and axes that make room for
+    their labels."""
+
+    @functools.wraps(build)
+    def build_with_template(*args, **kwargs):
+        figure = build(*args, **kwargs)
+        figure.update_layout(template=TEMPLATE)
+        figure.update_xaxes(automargin=True)
+        figure.update_yaxes(automargin=True)
+        return figure
+
+    return build_with_template
 
 CLASS_COLOURS = {"benign": "#4c9a8a", "malignant": "#b5483b"}
 TRAIN_COLOUR, VALIDATION_COLOUR = "#7a3b2e", "#3b6ea5"
 MASK_OUTLINE_COLOUR = (0, 230, 118)
 
 
+@templated
 def class_counts_figure(class_counts: dict[str, dict[str, int]]) -> go.Figure:
     """Images per class and split, as grouped bars."""
     splits = list(class_counts)
@@ -27,6 +51,7 @@ def class_counts_figure(class_counts: dict[str, dict[str, int]]) -> go.Figure:
     return figure
 
 
+@templated
 def training_curves_figure(history: list[dict], title: str = "") -> go.Figure:
     """Loss and accuracy (train vs validation) and validation AUC per epoch."""
     figure = make_subplots(rows=1, cols=3, subplot_titles=("Loss", "Accuracy", "Validation AUC"))
@@ -71,6 +96,7 @@ def model_colour(name: str, index: int = 0) -> str:
     return MODEL_COLOURS.get(name, palette[index % len(palette)])
 
 
+@templated
 def confusion_matrices_figure(entries: list[tuple[str, list[list[int]]]]) -> go.Figure:
     """Side-by-side confusion matrices (rows: true class, columns: predicted), counts and row %."""
     figure = make_subplots(rows=1, cols=max(len(entries), 1), subplot_titles=[name for name, _ in entries],
@@ -91,6 +117,7 @@ def confusion_matrices_figure(entries: list[tuple[str, list[list[int]]]]) -> go.
     return figure
 
 
+@templated
 def roc_figure(curves: list[tuple[str, np.ndarray, np.ndarray, float]]) -> go.Figure:
     """ROC curves of several models on one plot; entries are (name, fpr, tpr, auc)."""
     figure = go.Figure()
@@ -104,6 +131,7 @@ def roc_figure(curves: list[tuple[str, np.ndarray, np.ndarray, float]]) -> go.Fi
     return figure
 
 
+@templated
 def precision_recall_figure(curves: list[tuple[str, np.ndarray, np.ndarray, float]],
                             prevalence: float | None = None) -> go.Figure:
     """Precision-recall curves; entries are (name, recall, precision, average precision)."""
@@ -119,22 +147,26 @@ def precision_recall_figure(curves: list[tuple[str, np.ndarray, np.ndarray, floa
     return figure
 
 
+@templated
 def metric_bars_figure(table, metrics: list[tuple[str, str]], title: str) -> go.Figure:
-    """Grouped bars: one group per model, one bar per metric, with 95% interval error bars.
-    `table` has columns Model, <title>, '<title> low', '<title> high'; metrics are (title, label)."""
+    """Grouped bars: one group per metric, one bar per model in the model's colour, with 95% interval
+    error bars. `table` has columns Model, <title>, '<title> low', '<title> high'; metrics are (title, label)."""
     figure = go.Figure()
-    for column, label in metrics:
-        values = table[column].to_numpy(dtype=float)
-        error_high = table[f"{column} high"].to_numpy(dtype=float) - values
-        error_low = values - table[f"{column} low"].to_numpy(dtype=float)
-        figure.add_trace(go.Bar(name=label, x=table["Model"], y=values, text=[f"{v:.3f}" for v in values],
-                                textposition="outside", error_y=dict(type="data", array=error_high,
-                                                                     arrayminus=error_low, visible=True)))
+    labels = [label for _, label in metrics]
+    for index, row in enumerate(table.to_dict("records")):
+        values = np.array([row[column] for column, _ in metrics], dtype=float)
+        error_high = np.array([row[f"{column} high"] for column, _ in metrics], dtype=float) - values
+        error_low = values - np.array([row[f"{column} low"] for column, _ in metrics], dtype=float)
+        figure.add_trace(go.Bar(name=row["Model"], x=labels, y=values, text=[f"{v:.3f}" for v in values],
+                                marker_color=model_colour(row["Model"], index), textposition="outside",
+                                error_y=dict(type="data", array=error_high, arrayminus=error_low, visible=True,
+                                             color="#444")))
     figure.update_layout(barmode="group", title=title, yaxis_range=[0, 1.1], height=380,
                          margin=dict(l=10, r=10, t=40, b=10), legend=dict(orientation="h", y=1.08))
     return figure
 
 
+@templated
 def compared_training_curves_figure(histories: list[tuple[str, list[dict]]]) -> go.Figure:
     """Loss, accuracy and validation AUC per epoch of several runs: solid validation, dotted train."""
     figure = make_subplots(rows=1, cols=3, subplot_titles=("Loss", "Accuracy", "Validation AUC"))
@@ -153,6 +185,7 @@ def compared_training_curves_figure(histories: list[tuple[str, list[dict]]]) -> 
     return figure
 
 
+@templated
 def reliability_figure(entries: list[tuple[str, list[float], list[float], float]]) -> go.Figure:
     """Reliability diagram; entries are (name, mean predicted per bin, observed share, ECE)."""
     figure = go.Figure()
@@ -173,22 +206,85 @@ P_VALUE_COLOURS = [[0, "#c44e52"], [0.5, "#f3c6c0"], [0.5001, "#eeeeee"], [1, "#
 def p_value_matrix_figure(names: list[str], p_values: np.ndarray, title: str) -> go.Figure:
     """A symmetric matrix of pairwise p-values; cells below 0.05 stand out."""
     return pairwise_matrix_figure(names, p_values, title, zmin=0.0, zmax=0.1, colour_scale=P_VALUE_COLOURS,
-                                  digits=3, label="p = ")
+                                  label="p = ", formatter=format_p_value)
 
 
+@templated
 def pairwise_matrix_figure(names: list[str], matrix: np.ndarray, title: str, zmin: float = 0.0,
-                           zmax: float = 1.0, colour_scale="Blues", digits: int = 2, label: str = "") -> go.Figure:
+                           zmax: float = 1.0, colour_scale="Blues", digits: int = 2, label: str = "",
+                           formatter=None) -> go.Figure:
     """A symmetric matrix of pairwise values (agreement between maps, p-values), annotated; the
-    diagonal is left blank."""
+    diagonal is left blank. `formatter` writes a value (default: `digits` decimals)."""
     count = len(names)
-    text = [["" if i == j else f"{matrix[i, j]:.{digits}f}" if np.isfinite(matrix[i, j]) else "--"
-             for j in range(count)] for i in range(count)]
+    formatter = formatter or (lambda value: f"{value:.{digits}f}" if np.isfinite(value) else "--")
+    text = [["" if i == j else formatter(float(matrix[i, j])) for j in range(count)] for i in range(count)]
     figure = go.Figure(go.Heatmap(z=np.where(np.eye(count, dtype=bool), np.nan, matrix), x=names, y=names,
                                   text=text, texttemplate="%{text}", zmin=zmin, zmax=zmax, colorscale=colour_scale,
                                   showscale=False, hovertemplate=f"%{{y}} vs %{{x}}: {label}%{{text}}<extra></extra>"))
-    figure.update_yaxes(autorange="reversed")
+    # Category axes with every name as a tick: plotly would otherwise thin out long names.
+    figure.update_xaxes(type="category", tickmode="array", tickvals=names, ticktext=names, tickangle=-30)
+    figure.update_yaxes(type="category", tickmode="array", tickvals=names, ticktext=names, autorange="reversed")
     figure.update_layout(title=title, height=360, margin=dict(l=10, r=10, t=40, b=10))
     return figure
+
+
+# Altair, not plotly, for the per-image explorer: its selections come back to the page (st.altair_chart's
+# on_select), and it stays light when redrawn on every filter change.
+PICKED, BRUSH = "picked", "brush"  # the explorer's selection parameters, as the page reads them
+
+
+def disagreement_scatter(table, model_x: str, model_y: str, threshold_x: float, threshold_y: float):
+    """Each test image as a point: P(malignant) by one model against another, coloured by true class,
+    with both models' thresholds; the off-diagonal quadrants are where the two disagree. Click (shift
+    for more) or drag a box to pick images."""
+    import altair as alt
+
+    data = table[["image_id", "true class", "models disagree", model_x, model_y]].rename(
+        columns={model_x: "x", model_y: "y"})
+    picked = alt.selection_point(name=PICKED, fields=["image_id"], on="click")
+    brush = alt.selection_interval(name=BRUSH, encodings=["x", "y"])
+    points = alt.Chart(data).mark_point(filled=True, size=70).encode(
+        x=alt.X("x:Q", title=f"P(malignant) by {model_x}", scale=alt.Scale(domain=[0, 1])),
+        y=alt.Y("y:Q", title=f"P(malignant) by {model_y}", scale=alt.Scale(domain=[0, 1])),
+        color=alt.Color("true class:N", scale=alt.Scale(domain=list(CLASS_COLOURS), range=list(CLASS_COLOURS.values())),
+                        title="true class"),
+        opacity=alt.condition(picked, alt.value(0.9), alt.value(0.25)),
+        tooltip=["image_id", "true class", alt.Tooltip("x:Q", title=model_x, format=".3f"),
+                 alt.Tooltip("y:Q", title=model_y, format=".3f"), "models disagree"],
+    ).add_params(picked, brush)
+    vertical = alt.Chart().mark_rule(strokeDash=[4, 4], color="#777").encode(x=alt.datum(threshold_x))
+    horizontal = alt.Chart().mark_rule(strokeDash=[4, 4], color="#777").encode(y=alt.datum(threshold_y))
+    return (points + vertical + horizontal).properties(height=440, title=f"{model_x} vs {model_y} on each test "
+                                                                          "image (dashed: their thresholds)")
+
+
+def probability_spread_chart(table, models: list[str], thresholds: dict[str, float]):
+    """The chosen test images, one row each, with every model's P(malignant) as a dot in the model's
+    colour and a bar from the lowest to the highest: long bars are where the models disagree. Click a
+    row's dots (shift for more) to pick images."""
+    import altair as alt
+
+    long = table.melt(id_vars=["image_id", "true class"], value_vars=models, var_name="model", value_name="p")
+    long["called"] = [("malignant" if p >= thresholds[m] else "benign") for p, m in zip(long["p"], long["model"])]
+    order = table["image_id"].tolist()
+    picked = alt.selection_point(name=PICKED, fields=["image_id"], on="click")
+    y = alt.Y("image_id:N", sort=order, title=None)
+    bars = alt.Chart(long).mark_rule(color="#bbb", strokeWidth=3).encode(
+        y=y, x=alt.X("min(p):Q", title="P(malignant)", scale=alt.Scale(domain=[0, 1])), x2="max(p):Q")
+    dots = alt.Chart(long).mark_circle(size=80).encode(
+        y=y, x="p:Q",
+        color=alt.Color("model:N", scale=alt.Scale(domain=models, range=[model_colour(m, i) for i, m in
+                                                                          enumerate(models)])),
+        opacity=alt.condition(picked, alt.value(0.95), alt.value(0.3)),
+        tooltip=["image_id", "true class", "model", alt.Tooltip("p:Q", format=".3f", title="P(malignant)"),
+                 alt.Tooltip("called:N", title="call at its threshold")],
+    ).add_params(picked)
+    truth = alt.Chart(table).mark_text(align="left", dx=4, fontSize=11).encode(
+        y=y, x=alt.datum(1.0), text="true class:N",
+        color=alt.Color("true class:N", scale=alt.Scale(domain=list(CLASS_COLOURS),
+                                                        range=list(CLASS_COLOURS.values())), legend=None))
+    return (bars + dots + truth).resolve_scale(color="independent").properties(
+        height=max(160, 18 * len(order)), title="P(malignant) of every model per image (grey: their spread)")
 
 
 def labelled_grid(panels: list[tuple[str, str, list[np.ndarray]]], tile: int = 224) -> np.ndarray:
@@ -214,6 +310,7 @@ def labelled_grid(panels: list[tuple[str, str, list[np.ndarray]]], tile: int = 2
     return np.asarray(canvas)
 
 
+@templated
 def localisation_bars_figure(rows: list[dict], lesion_area: float) -> go.Figure:
     """Mean CAM energy inside the lesion and pointing-game hit rate per model, with the lesion's
     area as the level a map blind to the lesion would reach."""
@@ -230,6 +327,7 @@ def localisation_bars_figure(rows: list[dict], lesion_area: float) -> go.Figure:
     return figure
 
 
+@templated
 def grid_heatmap_figure(rows: list[str], columns: list[str], values: np.ndarray, title: str) -> go.Figure:
     """A metric over a two-way grid (train:test split x epochs); empty cells are not run yet."""
     text = [[f"{value:.3f}" if np.isfinite(value) else "" for value in row] for row in values]

@@ -6,9 +6,15 @@ import html
 import time
 from pathlib import Path
 
-import numpy as np
-
-from core.compare import COMPARISON_COLUMNS, EXTRA_COLUMNS, Comparison, comparison_figures
+from core.compare import (
+    PAUC_NOTE,
+    Comparison,
+    best_in_column,
+    comparison_figures,
+    display_table,
+    sensitivity_shortfalls,
+)
+from core.runs import run_purpose
 
 REPORT_STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1200px; color: #222; }
@@ -19,40 +25,34 @@ th { background: #f1ece6; } td.best { font-weight: bold; background: #e6f2ea; }
 
 
 def table_html(comparison: Comparison) -> str:
-    """The metrics table with 95% intervals; the best value of each column in bold."""
-    titles = [title for title, _, _ in COMPARISON_COLUMNS] + [title for title, _ in EXTRA_COLUMNS]
-    table = comparison.table
-    lower_is_better = {"ECE", "Brier"}
-    header = "".join(f"<th>{html.escape(t)}</th>" for t in ["Model", "Threshold", *titles,
-                                                            "pAUC (sens >= 0.8)", "ECE", "Brier"])
+    """The metrics table with 95% intervals, as on the page; the best value of each column in bold."""
+    shown, best = display_table(comparison), best_in_column(comparison)
+    header = "".join(f"<th>{html.escape(title)}</th>" for title in shown.columns)
     rows = []
-    for _, row in table.iterrows():
-        cells = [f"<td>{html.escape(row['Model'])}</td>", f"<td>{row['Threshold']:.3f}</td>"]
-        for title in [*titles, "pAUC (sens >= 0.8)", "ECE", "Brier"]:
-            column = table[title].to_numpy(dtype=float)
-            best = np.nanmin(column) if title in lower_is_better else np.nanmax(column)
-            value = row[title]
-            low, high = row.get(f"{title} low", np.nan), row.get(f"{title} high", np.nan)
-            text = "--" if not np.isfinite(value) else f"{value:.3f}" + (
-                f" [{low:.3f}, {high:.3f}]" if np.isfinite(low) else "")
-            css = ' class="best"' if np.isfinite(value) and value == best and len(table) > 1 else ""
-            cells.append(f"<td{css}>{text}</td>")
+    for index, row in enumerate(shown.itertuples(index=False)):
+        cells = []
+        for title, value in zip(shown.columns, row):
+            css = ' class="best"' if title in best and best[title][index] else ""
+            cells.append(f"<td{css}>{html.escape(str(value))}</td>")
         rows.append("<tr>" + "".join(cells) + "</tr>")
-    return f"<table><tr>{header}</tr>{''.join(rows)}</table>"
+    return f"<table><tr>{header}</tr>{''.join(rows)}</table><p class='note'>{html.escape(PAUC_NOTE)}</p>"
 
 
 def describe_run(name: str, run: dict) -> str:
     dataset, config = run.get("dataset") or {}, run.get("config") or {}
-    return (f"{name}: {run['run_id']}, {dataset.get('name')}, {config.get('image_size')} px, "
+    return (f"{name}: {run['run_id']} ({run_purpose(run)}), {dataset.get('name')}, {config.get('image_size')} px, "
             f"{config.get('epochs')} epochs, lr {config.get('lr')}, weights {run.get('weights')}")
 
 
-def write_html_report(comparison: Comparison, path: str | Path, title: str = "Model comparison") -> Path:
-    path = Path(path)
+def report_html(comparison: Comparison, title: str = "Model comparison") -> str:
+    """The whole report as one HTML document; the Compare page and `python -m core compare --report`
+    both write this, so the same runs at the same operating point give the same report."""
     figures = comparison_figures(comparison)
     parts = [f"<h1>{html.escape(title)}</h1>",
              f"<p class='note'>Written {time.strftime('%Y-%m-%d %H:%M')}. Values on the test images, "
-             "with 95% bootstrap intervals (test images resampled, seed fixed).</p>"]
+             "with 95% bootstrap intervals (test images resampled, seed fixed).</p>",
+             f"<p><b>Operating point:</b> {html.escape(comparison.operating_point)}.</p>"]
+    parts.extend(f"<p><b>{html.escape(line)}</b></p>" for line in shortfall_lines(comparison))
     if not comparison.paired and len(comparison.entries) > 1:
         parts.append("<p><b>These runs were tested on different images: the comparison is not paired and no "
                      "significance tests are shown.</b></p>")
@@ -60,10 +60,27 @@ def write_html_report(comparison: Comparison, path: str | Path, title: str = "Mo
     parts.extend(f"<p>{html.escape(line)}</p>" for line in comparison.readings)
     for index, (name, figure) in enumerate(figures.items()):
         parts.append(f"<h2>{html.escape(name)}</h2>")
-        parts.append(figure.to_html(full_html=False, include_plotlyjs=index == 0))
+        # Fixed element ids: the same comparison gives a byte-identical report (timestamp aside).
+        parts.append(figure.to_html(full_html=False, include_plotlyjs=index == 0, div_id=f"figure-{index}"))
     runs = "".join(f"<li>{html.escape(describe_run(e.name, e.run))}</li>" for e in comparison.entries)
     parts.append(f"<h2>Runs</h2><ul>{runs}</ul>")
-    document = (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-                f"<style>{REPORT_STYLE}</style></head><body>{''.join(parts)}</body></html>")
-    path.write_text(document, encoding="utf-8")
+    return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+            f"<style>{REPORT_STYLE}</style></head><body>{''.join(parts)}</body></html>")
+
+
+def shortfall_lines(comparison: Comparison) -> list[str]:
+    """The caveat of a sensitivity target, with the models it concerns (shown on the page and in the report)."""
+    shortfalls = sensitivity_shortfalls(comparison)
+    if comparison.target_sensitivity is None:
+        return []
+    line = (f"The thresholds were chosen on validation, so test sensitivity can fall below "
+            f"{comparison.target_sensitivity:.2f}")
+    if shortfalls:
+        line += ": here " + ", ".join(f"{name} {value:.3f}" for name, value in shortfalls)
+    return [line + "."]
+
+
+def write_html_report(comparison: Comparison, path: str | Path, title: str = "Model comparison") -> Path:
+    path = Path(path)
+    path.write_text(report_html(comparison, title), encoding="utf-8")
     return path

@@ -111,6 +111,14 @@ class PairedTest:
     difference: float  # first minus second (AUC for DeLong, accuracy for McNemar)
 
 
+def format_p_value(p_value: float) -> str:
+    """The one way a p-value is written (tables, figures, readings, reports): '< 0.001' below 0.001,
+    else three decimals; '--' when the test could not be run."""
+    if p_value is None or not math.isfinite(p_value):
+        return "--"
+    return "< 0.001" if p_value < 0.001 else f"{p_value:.3f}"
+
+
 def delong_test(labels, probabilities_a, probabilities_b) -> PairedTest:
     """DeLong, DeLong & Clarke-Pearson (1988) test of two correlated AUCs on the same images, with the
     fast midrank algorithm of Sun & Xu (2014). Two-sided p-value of z = (AUC_a - AUC_b) / SE."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import browser_support
 import numpy as np
 import pytest
 from PIL import Image
@@ -54,3 +55,48 @@ def image_folder(tmp_path):
         write_image(root / "Cancer" / f"c{index}.jpg", colour=(60, 30, 20 + index))
         write_image(root / "NotCancer" / f"n{index}.jpg", colour=(200, 150, 120 + index))
     return root
+
+
+# Real-browser fixtures (helpers in browser_support.py).
+
+@pytest.fixture
+def runs_dir(tmp_path):
+    return tmp_path / "runs"
+
+
+@pytest.fixture
+def dashboard(runs_dir):
+    server, url = browser_support.start_dashboard(runs_dir)
+    yield url
+    server.terminate()
+    server.wait(timeout=20)
+
+
+@pytest.fixture
+def page():
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=browser_support.CHROMIUM,
+                                             args=browser_support.CHROMIUM_ARGS)
+        tab = browser.new_page(viewport={"width": 1400, "height": 1800})
+        yield tab
+        browser.close()
+
+
+@pytest.fixture
+def five_runs(runs_dir):
+    """Five tiny runs of the five models on one synthetic split, made by the engine before the server starts."""
+    import dataclasses
+
+    from core.config import DataSpec, TrainConfig
+    from core.datasets import prepare_data
+    from core.runs import RunStore
+    from core.training import run_training
+
+    store = RunStore(runs_dir)
+    config = TrainConfig(epochs=2, batch_size=16, image_size=32, pretrained=False, precision="fp32")
+    data = prepare_data(DataSpec(synthetic_count=120, synthetic_image_size=64), config, store.cache_dir)
+    for model in ("resnet18", "resnet50", "densenet121", "efficientnet_b0", "hybrid_sresnet"):
+        run_training(dataclasses.replace(config, model=model), data, store)
+    return store

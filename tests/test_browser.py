@@ -1,99 +1,24 @@
 """The dashboard in a real browser: `streamlit run` on a free port, driven by Playwright in Debian's
 headless Chromium (never a downloaded browser). Screenshots of every page go to test-artifacts/."""
 
-import os
 import re
-import socket
-import subprocess
-import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
+from browser_support import (
+    ARTIFACTS,
+    BROWSER_TEST,
+    CHROMIUM,
+    CHROMIUM_ARGS,
+    PAGES,
+    go_to,
+    no_exceptions,
+    set_number,
+    start_dashboard,
+)
 
-CHROMIUM = "/usr/bin/chromium"
-ROOT = Path(__file__).resolve().parents[1]
-ARTIFACTS = ROOT / "test-artifacts"
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                 "--disable-sync", "--no-first-run", "--disable-dev-shm-usage"]
-PAGES = ["Data", "Train", "Compare", "Explain", "Tune", "Ablation"]
-
-pytestmark = [
-    pytest.mark.browser,
-    # Skipped on a developer machine without chromium; in CI (.ci/run installs it) a missing browser fails.
-    pytest.mark.skipif(not os.path.exists(CHROMIUM) and not os.environ.get("CI"),
-                       reason="Debian's chromium is not installed (apt-get install chromium; .ci/run does)"),
-]
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-@pytest.fixture
-def runs_dir(tmp_path):
-    return tmp_path / "runs"
-
-
-def start_dashboard(runs_dir, output=subprocess.PIPE) -> tuple[subprocess.Popen, str]:
-    """`streamlit run` on a free port, returned once it answers its health check."""
-    port = free_port()
-    environment = {**os.environ, "SKIN_RUNS_DIR": str(runs_dir)}
-    server = subprocess.Popen(
-        [sys.executable, "-m", "streamlit", "run", "streamlit_app.py", "--server.headless", "true",
-         "--server.port", str(port), "--server.address", "127.0.0.1"],
-        cwd=ROOT, env=environment, stdout=output, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            if urllib.request.urlopen(f"{url}/_stcore/health", timeout=2).read() == b"ok":
-                return server, url
-        except OSError:
-            pass
-        assert server.poll() is None and time.monotonic() < deadline, "streamlit did not start"
-        time.sleep(0.3)
-
-
-@pytest.fixture
-def dashboard(runs_dir):
-    server, url = start_dashboard(runs_dir)
-    yield url
-    server.terminate()
-    server.wait(timeout=20)
-
-
-@pytest.fixture
-def page():
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        tab = browser.new_page(viewport={"width": 1400, "height": 1800})
-        yield tab
-        browser.close()
-
-
-def go_to(page, title: str) -> None:
-    """Through the sidebar, as a user does (a fresh URL would start a new session)."""
-    page.locator("[data-testid='stSidebarNav'] a", has_text=title).first.click()
-    page.get_by_role("heading", name=title, level=1).wait_for(timeout=60_000)
-    page.wait_for_timeout(800)
-
-
-def set_number(page, label: str, value: int) -> None:
-    field = page.get_by_label(label, exact=True)
-    field.fill(str(value))
-    field.press("Enter")
-    page.wait_for_timeout(600)
-
-
-def no_exceptions(page) -> None:
-    errors = page.locator("[data-testid='stException']")
-    assert errors.count() == 0, errors.first.inner_text()
+pytestmark = BROWSER_TEST
 
 
 def test_a_tiny_run_from_the_train_page_ends_in_the_run_table(dashboard, page):
@@ -125,24 +50,6 @@ def test_a_tiny_run_from_the_train_page_ends_in_the_run_table(dashboard, page):
         go_to(page, title)
         no_exceptions(page)
         page.screenshot(path=str(ARTIFACTS / f"{title.lower()}.png"), full_page=True)
-
-
-@pytest.fixture
-def five_runs(runs_dir):
-    """Five tiny runs of the five models on one synthetic split, made by the engine before the server starts."""
-    import dataclasses
-
-    from core.config import DataSpec, TrainConfig
-    from core.datasets import prepare_data
-    from core.runs import RunStore
-    from core.training import run_training
-
-    store = RunStore(runs_dir)
-    config = TrainConfig(epochs=2, batch_size=16, image_size=32, pretrained=False, precision="fp32")
-    data = prepare_data(DataSpec(synthetic_count=120, synthetic_image_size=64), config, store.cache_dir)
-    for model in ("resnet18", "resnet50", "densenet121", "efficientnet_b0", "hybrid_sresnet"):
-        run_training(dataclasses.replace(config, model=model), data, store)
-    return store
 
 
 def test_compare_page_with_five_runs_and_its_html_report(five_runs, dashboard, page, tmp_path):
