@@ -22,7 +22,7 @@ from core.compare import (
 )
 from core.config import MODEL_NAMES, PRECISIONS, PRESETS, DataSpec, TrainConfig
 from core.datasets import FORMATS, DatasetError, prepare_data
-from core.runs import RunStore, RunStoreError, default_runs_dir
+from core.runs import RunStore, RunStoreError, default_runs_dir, is_ordinary_run, run_purpose
 from core.synthetic import CONFOUNDER_KINDS
 from core.training import resume_training, run_training
 from core.tuning import PRUNERS
@@ -345,7 +345,7 @@ def command_list(args: argparse.Namespace) -> int:
         status = run["status"] + ("*" if run.get("resumable") else "")
         print(f"{run['run_id']:<44} {run['model']:<16} {status:<10} test AUC {auc} acc {accuracy} "
               f"{dataset.get('name', '?')} {config.get('image_size', '?')}px {config.get('epochs', '?')} ep "
-              f"{run.get('weights', '?')}")
+              f"{run.get('weights', '?')}" + ("" if is_ordinary_run(run) else f" [{run_purpose(run)}]"))
     if any(run.get("resumable") for run in runs):
         sys.stdout.flush()
         print("* can be continued with `python -m core resume RUN_ID`", file=sys.stderr)

@@ -157,7 +157,8 @@ def metric_bars_figure(table, metrics: list[tuple[str, str]], title: str) -> go.
         values = np.array([row[column] for column, _ in metrics], dtype=float)
         error_high = np.array([row[f"{column} high"] for column, _ in metrics], dtype=float) - values
         error_low = values - np.array([row[f"{column} low"] for column, _ in metrics], dtype=float)
-        figure.add_trace(go.Bar(name=row["Model"], x=labels, y=values, text=[f"{v:.3f}" for v in values],
+        figure.add_trace(go.Bar(name=row["Model"], x=labels, y=values,
+                                text=[f"{v:.3f}" if np.isfinite(v) else "--" for v in values],
                                 marker_color=model_colour(row["Model"], index), textposition="outside",
                                 error_y=dict(type="data", array=error_high, arrayminus=error_low, visible=True,
                                              color="#444")))
@@ -259,32 +260,30 @@ def disagreement_scatter(table, model_x: str, model_y: str, threshold_x: float, 
 
 
 def probability_spread_chart(table, models: list[str], thresholds: dict[str, float]):
-    """The chosen test images, one row each, with every model's P(malignant) as a dot in the model's
-    colour and a bar from the lowest to the highest: long bars are where the models disagree. Click a
-    row's dots (shift for more) to pick images."""
+    """The chosen test images, one row each (named with their true class), with every model's
+    P(malignant) as a dot in the model's colour and a bar from the lowest to the highest: long bars
+    are where the models disagree. Click a row's dots (shift for more) to pick images."""
     import altair as alt
 
-    long = table.melt(id_vars=["image_id", "true class"], value_vars=models, var_name="model", value_name="p")
+    rows = table.assign(image=table["image_id"] + " (" + table["true class"] + ")")
+    long = rows.melt(id_vars=["image_id", "image", "true class"], value_vars=models, var_name="model",
+                     value_name="p")
     long["called"] = [("malignant" if p >= thresholds[m] else "benign") for p, m in zip(long["p"], long["model"])]
-    order = table["image_id"].tolist()
     picked = alt.selection_point(name=PICKED, fields=["image_id"], on="click")
-    y = alt.Y("image_id:N", sort=order, title=None)
+    y = alt.Y("image:N", sort=rows["image"].tolist(), title=None, axis=alt.Axis(labelLimit=260))
+    x_scale = alt.Scale(domain=[0, 1])
     bars = alt.Chart(long).mark_rule(color="#bbb", strokeWidth=3).encode(
-        y=y, x=alt.X("min(p):Q", title="P(malignant)", scale=alt.Scale(domain=[0, 1])), x2="max(p):Q")
+        y=y, x=alt.X("min(p):Q", title="P(malignant)", scale=x_scale, axis=alt.Axis(format=".1f")), x2="max(p):Q")
     dots = alt.Chart(long).mark_circle(size=80).encode(
-        y=y, x="p:Q",
-        color=alt.Color("model:N", scale=alt.Scale(domain=models, range=[model_colour(m, i) for i, m in
-                                                                          enumerate(models)])),
+        y=y, x=alt.X("p:Q", scale=x_scale),
+        color=alt.Color("model:N", title=None, legend=alt.Legend(orient="top"),
+                        scale=alt.Scale(domain=models, range=[model_colour(m, i) for i, m in enumerate(models)])),
         opacity=alt.condition(picked, alt.value(0.95), alt.value(0.3)),
         tooltip=["image_id", "true class", "model", alt.Tooltip("p:Q", format=".3f", title="P(malignant)"),
                  alt.Tooltip("called:N", title="call at its threshold")],
     ).add_params(picked)
-    truth = alt.Chart(table).mark_text(align="left", dx=4, fontSize=11).encode(
-        y=y, x=alt.datum(1.0), text="true class:N",
-        color=alt.Color("true class:N", scale=alt.Scale(domain=list(CLASS_COLOURS),
-                                                        range=list(CLASS_COLOURS.values())), legend=None))
-    return (bars + dots + truth).resolve_scale(color="independent").properties(
-        height=max(160, 18 * len(order)), title="P(malignant) of every model per image (grey: their spread)")
+    return (bars + dots).properties(height=alt.Step(20), title="P(malignant) of every model per image "
+                                                               "(grey: their spread)")
 
 
 def labelled_grid(panels: list[tuple[str, str, list[np.ndarray]]], tile: int = 224) -> np.ndarray:

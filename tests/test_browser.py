@@ -72,6 +72,11 @@ def test_compare_page_with_five_runs_and_its_html_report(five_runs, dashboard, p
     viewer.locator(".js-plotly-plot").nth(9).wait_for(timeout=60_000)
     assert viewer.locator(".js-plotly-plot").count() == 10, "every figure of the page is in the report"
     viewer.screenshot(path=str(ARTIFACTS / "report.png"), full_page=True)
+    check_report_as_drawn(viewer)
+    page.get_by_text("Where the models disagree").wait_for(timeout=30_000)
+    page.get_by_role("button", name=re.compile(r"Explain the first \d+ shown")).click()
+    page.get_by_role("heading", name="Explain", level=1).wait_for(timeout=60_000)
+    no_exceptions(page)
 
     go_to(page, "Explain")
     page.get_by_text("Download the figure").wait_for(timeout=120_000)
@@ -95,6 +100,34 @@ def test_compare_page_with_five_runs_and_its_html_report(five_runs, dashboard, p
     uploader.set_input_files(str(huge))
     page.get_by_text("image too large").wait_for(timeout=60_000)
     no_exceptions(page)
+
+
+def check_report_as_drawn(viewer) -> None:
+    """In the drawn report, every bar has its model's colour and the p-value matrices are labelled with
+    the model names (the page-built report once had black bars and unlabelled heatmaps)."""
+    from core.figures import MODEL_COLOURS
+
+    def rgb(hex_colour: str) -> str:
+        red, green, blue = (int(hex_colour[i:i + 2], 16) for i in (1, 3, 5))
+        return f"rgb({red}, {green}, {blue})"
+
+    drawn = viewer.evaluate("""() => Array.from(document.querySelectorAll('.js-plotly-plot')).map(plot => ({
+        title: (plot.layout.title || {}).text || '',
+        bars: Array.from(plot.querySelectorAll('.trace.bars')).map(trace => ({
+            name: trace.__data__[0].trace.name,
+            fills: Array.from(trace.querySelectorAll('.point path')).map(path => path.style.fill)})),
+        xticks: Array.from(plot.querySelectorAll('.xtick text')).map(text => text.textContent),
+        yticks: Array.from(plot.querySelectorAll('.ytick text')).map(text => text.textContent)}))""")
+    bar_figures = [figure for figure in drawn if figure["bars"]]
+    assert len(bar_figures) == 3
+    for figure in bar_figures:
+        for trace in figure["bars"]:
+            assert set(trace["fills"]) == {rgb(MODEL_COLOURS[trace["name"]])}, (figure["title"], trace)
+    names = sorted(MODEL_COLOURS)
+    matrices = [figure for figure in drawn if "p-values" in figure["title"]]
+    assert len(matrices) == 2
+    for figure in matrices:
+        assert sorted(figure["xticks"]) == names and sorted(figure["yticks"]) == names, figure
 
 
 def resident_mib(pid: int) -> float:

@@ -153,7 +153,7 @@ def test_cli_and_page_write_the_same_report_and_state_the_operating_point(traine
     assert main(["compare", "--runs-dir", str(trained.root), "--threshold", "1.5"]) == 2
 
 
-def test_defaults_are_ordinary_training_runs_and_tagged_runs_say_what_they_are(trained, tmp_path):
+def test_defaults_are_ordinary_training_runs_and_tagged_runs_say_what_they_are(trained, tmp_path, capsys):
     import json
     import shutil
 
@@ -177,6 +177,9 @@ def test_defaults_are_ordinary_training_runs_and_tagged_runs_say_what_they_are(t
     labels = [run_label(run, "X") for run in runs[:2]]
     assert labels[0] == f"X · Tune trial 3 of study hybrid-ham · {runs[0]['run_id']}"
     assert labels[1] == f"X · Ablation: ResNet18 baseline (study ablation-components) · {runs[1]['run_id']}"
+    assert main(["list", "--runs-dir", str(store.root)]) == 0
+    listing = capsys.readouterr().out.splitlines()
+    assert listing[0].endswith("[Tune trial 3 of study hybrid-ham]") and "[" not in listing[-1]
 
 
 def test_per_image_table_finds_disagreements_and_confident_mistakes():
@@ -225,6 +228,29 @@ def test_compare_page_with_runs_and_threshold_modes(trained, monkeypatch):
     app.button(key="compare.build_report").click().run()
     assert not app.exception
     assert app.get("download_button")
+
+
+def test_compare_page_states_its_runs_and_sends_disagreements_to_explain(trained, monkeypatch):
+    from pages.common import EXPLAIN_REQUEST
+
+    monkeypatch.setenv("SKIN_RUNS_DIR", str(trained.root))
+    app = AppTest.from_file(APP, default_timeout=60).run()
+    app.switch_page("pages/compare.py").run()
+    assert not app.exception, app.exception
+    assert any("newest completed training run of each model" in caption.value for caption in app.caption)
+    assert any("pAUC (sens ≥ 0.8)" in caption.value and "0.02 a random one" in caption.value
+               for caption in app.caption)
+    table = app.dataframe[0].value
+    assert list(table.columns[:5]) == ["Model", "Threshold", "AUC", "Sensitivity (recall)", "Specificity"]
+    app.selectbox(key="compare.explorer_filter").set_value("True malignant").run()
+    assert not app.exception, app.exception
+    shown = app.dataframe[-1].value  # the explorer's table, last on the page
+    assert set(shown["true class"]) == {"malignant"}
+    app.button(key="compare.explain_picked").click().run()
+    request = app.session_state[EXPLAIN_REQUEST]
+    runs = default_comparison_runs(trained.list_runs())
+    assert request["run_ids"] == [run["run_id"] for run in runs]
+    assert request["image_ids"] == shown["image_id"].head(20).tolist()
 
 
 def test_compare_page_without_runs_points_to_train(tmp_path, monkeypatch):
