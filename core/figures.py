@@ -220,7 +220,8 @@ def pairwise_matrix_figure(names: list[str], matrix: np.ndarray, title: str, zmi
     formatter = formatter or (lambda value: f"{value:.{digits}f}" if np.isfinite(value) else "--")
     text = [["" if i == j else formatter(float(matrix[i, j])) for j in range(count)] for i in range(count)]
     figure = go.Figure(go.Heatmap(z=np.where(np.eye(count, dtype=bool), np.nan, matrix), x=names, y=names,
-                                  text=text, texttemplate="%{text}", zmin=zmin, zmax=zmax, colorscale=colour_scale,
+                                  text=text, texttemplate="%{text}", textfont=dict(size=11), zmin=zmin, zmax=zmax,
+                                  colorscale=colour_scale,
                                   showscale=False, hovertemplate=f"%{{y}} vs %{{x}}: {label}%{{text}}<extra></extra>"))
     # Category axes with every name as a tick: plotly would otherwise thin out long names.
     figure.update_xaxes(type="category", tickmode="array", tickvals=names, ticktext=names, tickangle=-30)
@@ -232,6 +233,7 @@ def pairwise_matrix_figure(names: list[str], matrix: np.ndarray, title: str, zmi
 # Altair, not plotly, for the per-image explorer: its selections come back to the page (st.altair_chart's
 # on_select), and it stays light when redrawn on every filter change.
 PICKED, BRUSH = "picked", "brush"  # the explorer's selection parameters, as the page reads them
+TENTHS = [round(0.1 * step, 1) for step in range(11)]
 
 
 def disagreement_scatter(table, model_x: str, model_y: str, threshold_x: float, threshold_y: float):
@@ -245,16 +247,20 @@ def disagreement_scatter(table, model_x: str, model_y: str, threshold_x: float, 
     picked = alt.selection_point(name=PICKED, fields=["image_id"], on="click")
     brush = alt.selection_interval(name=BRUSH, encodings=["x", "y"])
     points = alt.Chart(data).mark_point(filled=True, size=70).encode(
-        x=alt.X("x:Q", title=f"P(malignant) by {model_x}", scale=alt.Scale(domain=[0, 1])),
-        y=alt.Y("y:Q", title=f"P(malignant) by {model_y}", scale=alt.Scale(domain=[0, 1])),
+        x=alt.X("x:Q", title=f"P(malignant) by {model_x}", scale=alt.Scale(domain=[0, 1]),
+                axis=alt.Axis(values=TENTHS, format=".1f")),
+        y=alt.Y("y:Q", title=f"P(malignant) by {model_y}", scale=alt.Scale(domain=[0, 1]),
+                axis=alt.Axis(values=TENTHS, format=".1f")),
         color=alt.Color("true class:N", scale=alt.Scale(domain=list(CLASS_COLOURS), range=list(CLASS_COLOURS.values())),
                         title="true class"),
         opacity=alt.condition(picked, alt.value(0.9), alt.value(0.25)),
         tooltip=["image_id", "true class", alt.Tooltip("x:Q", title=model_x, format=".3f"),
                  alt.Tooltip("y:Q", title=model_y, format=".3f"), "models disagree"],
     ).add_params(picked, brush)
-    vertical = alt.Chart().mark_rule(strokeDash=[4, 4], color="#777").encode(x=alt.datum(threshold_x))
-    horizontal = alt.Chart().mark_rule(strokeDash=[4, 4], color="#777").encode(y=alt.datum(threshold_y))
+    vertical = alt.Chart(data.head(1)).mark_rule(strokeDash=[4, 4], color="#777").encode(
+        x=alt.X(datum=threshold_x, axis=alt.Axis(values=TENTHS, format=".1f")))
+    horizontal = alt.Chart(data.head(1)).mark_rule(strokeDash=[4, 4], color="#777").encode(
+        y=alt.Y(datum=threshold_y, axis=alt.Axis(values=TENTHS, format=".1f")))
     return (points + vertical + horizontal).properties(height=440, title=f"{model_x} vs {model_y} on each test "
                                                                           "image (dashed: their thresholds)")
 
@@ -273,7 +279,8 @@ def probability_spread_chart(table, models: list[str], thresholds: dict[str, flo
     y = alt.Y("image:N", sort=rows["image"].tolist(), title=None, axis=alt.Axis(labelLimit=260))
     x_scale = alt.Scale(domain=[0, 1])
     bars = alt.Chart(long).mark_rule(color="#bbb", strokeWidth=3).encode(
-        y=y, x=alt.X("min(p):Q", title="P(malignant)", scale=x_scale, axis=alt.Axis(format=".1f")), x2="max(p):Q")
+        y=y, x=alt.X("min(p):Q", title="P(malignant)", scale=x_scale,
+                                                          axis=alt.Axis(values=TENTHS, format=".1f")), x2="max(p):Q")
     dots = alt.Chart(long).mark_circle(size=80).encode(
         y=y, x=alt.X("p:Q", scale=x_scale),
         color=alt.Color("model:N", title=None, legend=alt.Legend(orient="top"),
@@ -318,8 +325,11 @@ def localisation_bars_figure(rows: list[dict], lesion_area: float) -> go.Figure:
         go.Bar(name="CAM energy inside the lesion", x=names, y=[row["CAM energy inside the lesion"] for row in rows]),
         go.Bar(name="Pointing-game hit rate", x=names, y=[row["Pointing-game hit rate"] for row in rows]),
     ])
-    figure.add_hline(y=lesion_area, line=dict(color="#999", dash="dot"),
-                     annotation_text=f"lesion area {lesion_area:.0%} (a map blind to the lesion)")
+    # The line is named in the legend, not by an annotation on the plot, where it covered a bar.
+    line = dict(color="#777", dash="dot")
+    figure.add_hline(y=lesion_area, line=line)
+    figure.add_trace(go.Scatter(x=[None], y=[None], mode="lines", line=line,
+                                name=f"lesion area {lesion_area:.0%} (a map blind to the lesion)"))
     figure.update_layout(barmode="group", yaxis_range=[0, 1.05], height=360, margin=dict(l=10, r=10, t=40, b=10),
                          title="Does each model look at the lesion? (malignant class)",
                          legend=dict(orientation="h", y=-0.15))
@@ -334,4 +344,20 @@ def grid_heatmap_figure(rows: list[str], columns: list[str], values: np.ndarray,
                                   colorscale="Viridis", colorbar=dict(title="")))
     figure.update_layout(title=title, height=320, margin=dict(l=10, r=10, t=40, b=10), xaxis_title="epochs",
                          yaxis_title="train:test", xaxis_type="category", yaxis_type="category")
+    return figure
+
+
+@templated
+def colour_bar_figure(colours: list[str], maximum: float | None, title: str) -> go.Figure:
+    """A thin horizontal colour bar for the CAM overlays: 0 to `maximum` (a shared scale's top, in the
+    maps' own units), or 0 to 'max' when each map is scaled to its own maximum (`maximum` None)."""
+    top = maximum if maximum is not None and maximum > 0 else 1.0
+    values = np.linspace(0, top, len(colours))
+    scale = [[index / (len(colours) - 1), colour] for index, colour in enumerate(colours)]
+    figure = go.Figure(go.Heatmap(z=[values], x=values, colorscale=scale, zmin=0, zmax=top, showscale=False,
+                                  hovertemplate="%{z:.3g}<extra></extra>"))
+    top_label = f"{maximum:.3g}" if maximum is not None else "max"
+    figure.update_xaxes(tickmode="array", tickvals=[0, top], ticktext=["0", top_label], showgrid=False)
+    figure.update_yaxes(visible=False)
+    figure.update_layout(height=90, margin=dict(l=10, r=10, t=28, b=4), title=dict(text=title, font=dict(size=13)))
     return figure

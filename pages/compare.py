@@ -215,7 +215,6 @@ def main() -> None:
     for line in comparison.readings:
         st.markdown(f"- {line}")
     exports(comparison)
-    image_explorer(comparison)
     figures = comparison_figures(comparison)
     image_format = st.segmented_control("Figure download format (camera icon on each figure)", ["png", "svg"],
                                         default="png", key="compare.image_format") or "png"
@@ -231,6 +230,7 @@ def main() -> None:
             if name == "Calibration":
                 column.caption("Expected calibration error and Brier score (lower is better): " + "; ".join(
                     f"{m} {e:.3f} / {b:.3f}" for m, e, b in calibration_columns.itertuples(index=False)))
+    image_explorer(comparison)
 
 
 main()
