@@ -39,16 +39,25 @@ SPLIT_NAMES = {"train": "train", "training": "train", "val": "val", "valid": "va
                "test": "test", "testing": "test"}
 TRAIN_TEST_FOLDERS = {"train": "train", "training": "train", "val": "val", "valid": "val",
                       "validation": "val", "test": "test", "testing": "test"}
-EXPECTED_LAYOUTS = (
-    "the word 'synthetic'; "
+LOCAL_LAYOUTS = (
     "an image folder with class sub-folders (Cancer/NotCancer or malignant/benign), optionally inside train/ "
     "and test/; a HAM10000 folder with HAM10000_metadata.csv and its image folders; "
     "or a CSV with an image-id column and a label column next to an image folder"
 )
+EXPECTED_LAYOUTS = "the word 'synthetic'; " + LOCAL_LAYOUTS  # what the CLI's --data accepts
 
 
 class DatasetError(ValueError):
     """A dataset that cannot be used; the message is one line a user can act on."""
+
+
+class UnrecognisedLayoutError(DatasetError):
+    """A path that holds no dataset. The message lists what the CLI accepts; `problem` is the part
+    without that list, so that the dashboard can say what it expects in its own words."""
+
+    def __init__(self, problem: str) -> None:
+        super().__init__(f"{problem} (expected {EXPECTED_LAYOUTS})")
+        self.problem = problem
 
 
 @dataclass
@@ -120,11 +129,11 @@ def detect_format(source: str) -> str:
     check_allowed(source)
     path = Path(source).expanduser()
     if not path.exists():
-        raise DatasetError(f"dataset path not found: {source} (expected {EXPECTED_LAYOUTS})")
+        raise UnrecognisedLayoutError(f"dataset path not found: {source}")
     if path.is_file():
         if path.suffix.lower() == ".csv":
             return "ham10000" if _is_ham10000_csv(path) else "csv"
-        raise DatasetError(f"{source} is a file but not a CSV (expected {EXPECTED_LAYOUTS})")
+        raise UnrecognisedLayoutError(f"{source} is a file but not a CSV")
     if (path / "HAM10000_metadata.csv").exists() or any(_is_ham10000_csv(p) for p in path.glob("*.csv")):
         return "ham10000"
     if list(path.glob("*.csv")):
@@ -132,8 +141,8 @@ def detect_format(source: str) -> str:
     if _class_folders(path) or any(_class_folders(path / name) for name in _split_folders(path)):
         return "imagefolder"
     if not any(path.iterdir()):
-        raise DatasetError(f"dataset folder is empty: {source} (expected {EXPECTED_LAYOUTS})")
-    raise DatasetError(f"no dataset layout recognised in {source} (expected {EXPECTED_LAYOUTS})")
+        raise UnrecognisedLayoutError(f"dataset folder is empty: {source}")
+    raise UnrecognisedLayoutError(f"no dataset layout recognised in {source}")
 
 
 def read_table(spec: DataSpec) -> tuple[str, pd.DataFrame, list[tuple[str, str]]]:
@@ -251,6 +260,32 @@ def prepare_data(
         if len(prepared.indices(split)) == 0:
             raise DatasetError(f"the {split} part is empty: the dataset has too few images for this split")
     return prepared
+
+
+def describe_given_split(data: PreparedData, config: TrainConfig) -> str | None:
+    """Where validation and test come from when the dataset gives part of its split (a CSV's split
+    column, val/ or test/ folders), as core.splits.assign_splits does it; None when it gives none."""
+    preset = data.table["preset_split"].fillna("").astype(str)
+    val_given, test_given = (preset == "val").any(), (preset == "test").any()
+    if not (val_given or test_given):
+        return None
+    counts = data.table["split"].value_counts()
+
+    def given(part: str) -> str:
+        where = f"marked {part} in the CSV's split column" if data.format == "csv" else (
+            f"in its {'validation' if part == 'val' else part} folder")
+        return f"the {counts.get(part, 0)} images {where}"
+
+    if val_given:
+        val = f"Validation is the dataset's official split: {given('val')} ('Validation share of train' is not used)"
+    else:
+        val = f"Validation is about {config.val_fraction:.0%} of the training part, drawn stratified by class"
+    if test_given:
+        test = f"test is {given('test')}"
+    else:
+        test = (f"test is drawn from the {'other ' if val_given else ''}{int((preset != 'val').sum()):,} images: "
+                f"about {config.test_fraction:.0%} of them (Train:test {config.split}), stratified by class")
+    return f"{val}; {test}."
 
 
 def _prepare_synthetic(spec: DataSpec, config: TrainConfig, cache_dir) -> PreparedData:

@@ -7,7 +7,14 @@ import pandas as pd
 import streamlit as st
 
 from core.config import DataSpec
-from core.datasets import FORMATS, DatasetError, PreparedData
+from core.datasets import (
+    FORMATS,
+    LOCAL_LAYOUTS,
+    DatasetError,
+    PreparedData,
+    UnrecognisedLayoutError,
+    describe_given_split,
+)
 from core.figures import class_counts_figure, outline_mask
 from core.synthetic import CONFOUNDER_KINDS
 from pages.common import (
@@ -107,11 +114,33 @@ def show_summary(data: PreparedData) -> None:
     grouped = data.table["group"].nunique() < total
     st.caption(f"Stratified split by class{', grouped by lesion (no lesion on both sides)' if grouped else ''}; "
                f"images at {data.images.shape[1]} px; lesion masks: {'yes' if data.masks is not None else 'no'}.")
+    if data.spec is not None and data.spec.is_synthetic:
+        st.caption(size_note(data.spec.synthetic_image_size, int(data.images.shape[1])))
+    given_split = describe_given_split(data, current_config())
+    if given_split:
+        st.caption(given_split)
     st.plotly_chart(class_counts_figure(counts), width="stretch")
     show_samples(data)
     if data.skipped:
         with st.expander(f"Skipped images ({len(data.skipped)})"):
             st.dataframe(pd.DataFrame(data.skipped, columns=["image", "reason"]), hide_index=True, width="stretch")
+
+
+def size_note(drawn: int, trained: int) -> str:
+    # The drawing is cached by its own settings and resized for training, so one drawing serves every image size.
+    if drawn == trained:
+        return f"The synthetic set is drawn at {drawn} px, the size the models train at."
+    return (f"The synthetic set is drawn at {drawn} px; the models see it resized to the training image size, "
+            f"{trained} px (Image size on the Train page).")
+
+
+def local_dataset_error(error: Exception) -> str:
+    """The page's words for a dataset that cannot be used: the CLI's list of what --data accepts
+    (which starts with 'the word synthetic') does not fit a path field."""
+    if isinstance(error, UnrecognisedLayoutError):
+        return (f"Cannot use this dataset: {error.problem}. Enter the path of {LOCAL_LAYOUTS}; or choose the "
+                "built-in synthetic set above.")
+    return f"Cannot use this dataset: {error}"
 
 
 def show_samples(data: PreparedData) -> None:
@@ -145,7 +174,7 @@ def main() -> None:
     try:
         data = prepared_for(spec, current_config())
     except (DatasetError, ValueError, OSError) as error:
-        st.error(f"Cannot use this dataset: {error}")
+        st.error(local_dataset_error(error))
         previous = st.session_state.get(DATA_SPEC)
         if previous is not None:
             st.caption(f"The other pages keep using the last good dataset: {dataset_label(previous)}.")
