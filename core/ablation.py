@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from core.callbacks import TrainingCallback
 from core.config import DataSpec, TrainConfig
 from core.datasets import PreparedData, prepare_data
+from core.estimates import StepProgress, WorkItem, images_per_epoch
 from core.runs import RunStore
 from core.training import ResumeError, resume_training, run_training
 
@@ -66,13 +67,14 @@ def resumable_cells(store: RunStore, study: str) -> dict[str, dict]:
 
 def run_ablation(spec: DataSpec, cells: list[AblationCell], store: RunStore, study: str,
                  callbacks: list[TrainingCallback] | None = None, stop: threading.Event | None = None,
-                 on_cell: Callable[[AblationCell, dict | None], None] | None = None) -> dict[str, dict]:
+                 on_cell: Callable[[AblationCell, dict | None], None] | None = None,
+                 on_step: Callable[[StepProgress], None] | None = None) -> dict[str, dict]:
     """Train every cell not yet completed (a stopped cell continues from its last epoch); returns cell
-    key -> run for all completed cells."""
+    key -> run for all completed cells. `on_step` hears "cell k of N" as each cell starts training."""
     stop = stop or threading.Event()
     done, interrupted = completed_cells(store, study), resumable_cells(store, study)
     prepared: dict[tuple, PreparedData] = {}
-    for cell in cells:
+    for number, cell in enumerate(cells, start=1):
         if stop.is_set():
             break
         if cell.key in done:
@@ -83,6 +85,8 @@ def run_ablation(spec: DataSpec, cells: list[AblationCell], store: RunStore, stu
         key = (config.image_size, config.split, config.val_fraction, config.seed, config.max_images)
         if key not in prepared:  # cells that share a split share the decoded data
             prepared[key] = prepare_data(spec, config, store.cache_dir)
+        if on_step:
+            on_step(cell_step(number, cells, done, len(prepared[key].table)))
         tags = {"ablation": study, "cell": cell.key}
         run = _continue_cell(interrupted.get(cell.key), config, prepared[key], store, callbacks, stop)
         if run is None:
@@ -92,6 +96,17 @@ def run_ablation(spec: DataSpec, cells: list[AblationCell], store: RunStore, stu
         if on_cell:
             on_cell(cell, run)
     return done
+
+
+def cell_step(number: int, cells: list[AblationCell], done: dict, total_images: int) -> StepProgress:
+    """Cell `number` of the study, with the cells after it still to train (their images per epoch
+    from this dataset's size and each cell's split)."""
+    def work(cell: AblationCell) -> WorkItem:
+        return WorkItem(cell.config.epochs, images_per_epoch(total_images, cell.config))
+
+    later = tuple(work(cell) for cell in cells[number:] if cell.key not in done)
+    cell = cells[number - 1]
+    return StepProgress("cell", number, len(cells), name=cell.key, current=work(cell), later=later)
 
 
 def _continue_cell(run: dict | None, config: TrainConfig, data: PreparedData, store: RunStore, callbacks,

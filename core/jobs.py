@@ -19,10 +19,14 @@ from dataclasses import dataclass, field
 from core.callbacks import BatchProgress, EpochRecord, TrainingCallback
 from core.config import DataSpec, TrainConfig
 from core.datasets import PreparedData, prepare_data
+from core.estimates import StepProgress, format_duration, seconds_left
+from core.models import get_model_spec
 from core.runs import RunStore
 from core.training import ResumeError, recorded_data_spec, resume_training, run_training
 
 ACTIVE_STATES = ("queued", "preparing", "running")
+# What a job trains, and so which page owns it (may stop it): runs, a tuning study, an ablation.
+JOB_KINDS = ("train", "tune", "ablation")
 
 _queues: dict[str, JobQueue] = {}
 _queues_lock = threading.Lock()
@@ -48,10 +52,67 @@ class Job:
     task: Callable | None = None
     label: str = ""
     resume_run: str | None = None  # continue this stopped or failed run instead of starting a new one
+    kind: str = "train"  # one of JOB_KINDS
+    group: str = ""  # what queued a batch of runs together, e.g. "Train all five"
+    step: StepProgress | None = None  # which run of the job (or of its batch) this is: trial 3 of 10
+    # Training images and seconds of the job's finished runs: the rate its later runs are estimated at.
+    finished_images: float = 0.0
+    finished_seconds: float = 0.0
 
     @property
     def active(self) -> bool:
         return self.state in ACTIVE_STATES
+
+    @property
+    def title(self) -> str:
+        """How the job is named everywhere: "Tune study hybrid-ham", "ResNet18 run 2 of 5 (Train all five)"."""
+        if self.kind != "train":
+            return self.label
+        name = get_model_spec(self.config.model).display_name
+        if self.step is not None and self.step.total > 1:
+            name += f" run {self.step.number} of {self.step.total}"
+        extra = self.group or (f"resume {self.resume_run}" if self.resume_run else "")
+        return f"{name} ({extra})" if extra else name
+
+    @property
+    def seconds_left(self) -> float | None:
+        """For the whole job: a study's later trials or cells included."""
+        step = self.step if self.kind != "train" else None  # a batch's other runs are jobs of their own
+        return seconds_left(self.progress, step, self.finished_images, self.finished_seconds)
+
+    @property
+    def fraction_done(self) -> float:
+        """Of the whole job, by training images (by runs where the plan's sizes are unknown)."""
+        run_fraction = min(self.progress.fraction_done, 1.0) if self.progress else 0.0
+        step = self.step
+        if self.kind == "train" or step is None:
+            return run_fraction
+        if step.current is not None:
+            done = self.finished_images + run_fraction * step.current.images
+            return min(done / max(done + (1 - run_fraction) * step.current.images + step.later_images, 1), 1.0)
+        return min((step.number - 1 + run_fraction) / max(step.total, 1), 1.0)
+
+    def describe_step(self) -> str:
+        """"trial 3 of 10" for a study; empty for a single run (its title says "run 2 of 5")."""
+        return self.step.describe() if self.step is not None and self.kind != "train" else ""
+
+    def progress_text(self) -> str:
+        """One line: "Tune study X: trial 3 of 10 · epoch 2/5 · batch 14/40 · 85 img/s · about 6 min left"."""
+        step_text = self.describe_step()
+        parts = [step_text] if step_text else []
+        progress = self.progress
+        if progress is None:  # a new run (or a study's next one) builds its model and times precision first
+            parts.append("preparing data and timing precision ...")
+            return f"{self.title}: " + " · ".join(parts)
+        parts += [f"epoch {progress.epoch}/{progress.epochs}", f"batch {progress.batch}/{progress.batches}",
+                  f"{progress.images_per_second:.0f} img/s", f"loss {progress.loss:.3f}"]
+        left = self.seconds_left
+        parts.append(f"about {format_duration(left)} left" if left is not None else "estimating time left ...")
+        return f"{self.title}: " + " · ".join(parts)
+
+    def busy_text(self) -> str:
+        """What the queue is busy with, for pages that do not own this job: "Tune study X (trial 3 of 10)"."""
+        return self.title + (f" ({self.describe_step()})" if self.describe_step() else "")
 
 
 @dataclass(frozen=True)
@@ -93,8 +154,26 @@ class _JobCallback(TrainingCallback):
         with self.queue._lock:
             self.job.history = [*self.job.history, dataclasses.asdict(record)]
 
+    def on_run_end(self, run: dict) -> None:
+        images = _trained_images(run)
+        if images and run.get("seconds"):
+            with self.queue._lock:
+                self.job.finished_images += images
+                self.job.finished_seconds += float(run["seconds"])
+
     def on_warning(self, message: str) -> None:
         self.queue._warn(self.job, message)
+
+    def on_step(self, step: StepProgress) -> None:
+        """A study's task reports which of its runs starts now (and what is left after it)."""
+        with self.queue._lock:
+            self.job.step, self.job.progress = step, None
+
+
+def _trained_images(run: dict) -> int:
+    """Training images a finished run went through (its finished epochs; a pruned trial has few)."""
+    counts = ((run.get("dataset") or {}).get("class_counts") or {}).get("train") or {}
+    return len(run.get("history") or []) * sum(counts.values())
 
 
 class JobQueue:
@@ -113,20 +192,24 @@ class JobQueue:
         self._worker = threading.Thread(target=self._work, name="training-queue", daemon=True)
         self._worker.start()
 
-    def submit(self, configs: list[TrainConfig], data: DataSpec) -> list[int]:
-        """Queue one run per config on the same data; returns the job ids."""
+    def submit(self, configs: list[TrainConfig], data: DataSpec, group: str = "") -> list[int]:
+        """Queue one run per config on the same data; returns the job ids. `group` names the batch
+        ("Train all five") in each run's title, which also says "run 2 of 5"."""
         with self._lock:
-            jobs = [Job(next(self._ids), config, data) for config in configs]
+            jobs = [Job(next(self._ids), config, data, group=group, step=StepProgress("run", number, len(configs)))
+                    for number, config in enumerate(configs, start=1)]
             self._jobs.extend(jobs)
             self._trim()
             self._wake.notify()
             return [job.job_id for job in jobs]
 
-    def submit_task(self, label: str, config: TrainConfig, data: DataSpec, task: Callable) -> int:
+    def submit_task(self, label: str, config: TrainConfig, data: DataSpec, task: Callable, kind: str = "tune") -> int:
         """Queue a study (tuning, ablation) that trains several runs; it waits its turn like a run,
-        so two trainings never share the CPU."""
+        so two trainings never share the CPU. The task may report its steps through `callback.on_step`."""
+        if kind not in JOB_KINDS:
+            raise ValueError(f"unknown job kind {kind!r} (choose from {', '.join(JOB_KINDS)})")
         with self._lock:
-            job = Job(next(self._ids), config, data, task=task, label=label)
+            job = Job(next(self._ids), config, data, task=task, label=label, kind=kind)
             self._jobs.append(job)
             self._trim()
             self._wake.notify()
@@ -153,6 +236,16 @@ class JobQueue:
     def stop_current(self) -> None:
         """End the running job cleanly after its current batch (status 'stopped', best checkpoint kept)."""
         self._stop_current.set()
+
+    def stop(self, job_id: int) -> bool:
+        """Stop this job if it is the one running; False when it is not (any more). A page's Stop button
+        names a job, so a click that arrives after that job ended never stops the next one."""
+        with self._lock:
+            current = next((job for job in self._jobs if job.state in ("preparing", "running")), None)
+            if current is None or current.job_id != job_id:
+                return False
+            self._stop_current.set()
+            return True
 
     def clear_queue(self) -> int:
         """Drop every job not started yet; returns how many were dropped."""

@@ -7,6 +7,7 @@ warning, and the run records which weights it started from.
 
 from __future__ import annotations
 
+import urllib.request
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -140,11 +141,39 @@ register_model(ModelSpec(
 _network_failed = False
 
 
+def cached_imagenet_path(spec: ModelSpec) -> Path:
+    """Where torchvision's weights API keeps a model's ImageNet file: torch.hub's checkpoints folder
+    (under TORCH_HOME), named as the last part of the weights' URL."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / Path(spec.imagenet_weights.url).name
+
+
+def pretrained_weights_available(model_name: str, weights_file: str | Path | None = None) -> bool:
+    """Whether build_model would start from trained weights without the network: the ImageNet file
+    is in torchvision's cache (the Hybrid S-ResNet's is ResNet18's), or a local weights file exists.
+    Looks at files only; nothing is downloaded."""
+    if weights_file and Path(weights_file).expanduser().is_file():
+        return True
+    return cached_imagenet_path(get_model_spec(model_name)).is_file()
+
+
+def weights_download_possible(timeout: float = 2.0) -> bool:
+    """Whether torchvision's weights server answers a HEAD request (through any proxy urllib is set up
+    for, as a real download would be): nothing is downloaded. False once a download has failed here."""
+    if _network_failed:
+        return False
+    url = get_model_spec("resnet18").imagenet_weights.url
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=timeout):
+            return True
+    except (OSError, ValueError):  # URLError and timeouts are OSErrors
+        return False
+
+
 def fetch_imagenet_state_dict(spec: ModelSpec) -> tuple[dict | None, str]:
     """ImageNet weights from torchvision's cache or a download, else (None, why not)."""
     global _network_failed
     weights = spec.imagenet_weights
-    cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
+    cached = cached_imagenet_path(spec)
     if cached.exists():
         try:
             return torch.load(cached, map_location="cpu", weights_only=True), ""

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from core.callbacks import BatchProgress
 from core.config import TrainConfig
 from core.environment import device_name
 
@@ -101,8 +102,8 @@ def choose_execution_plan(model: nn.Module, config: TrainConfig, device: torch.d
             raise ValueError(f"bfloat16 was requested but {device_name(device)} does not support it")
         return ExecutionPlan(device, "bf16", True, "requested")
     candidates = candidate_plans(device)
-    if len(candidates) == 1:
-        return candidates[0]
+    if device.type not in ("cpu", "cuda"):
+        return candidates[0]  # MPS: one plan, and time_training_step only waits for CUDA to finish
     key = "|".join(map(str, (config.model, device_name(device), config.image_size, config.batch_size,
                              torch.__version__, torch.get_num_threads())))
     cached = _read_cache(cache_dir).get(key)
@@ -114,7 +115,9 @@ def choose_execution_plan(model: nn.Module, config: TrainConfig, device: torch.d
     for plan in candidates:
         timings[plan.name] = round(time_training_step(trial_model, plan, config.batch_size, config.image_size), 4)
     best = min(candidates, key=lambda plan: timings[plan.name])
-    best.chosen_by, best.step_seconds = "timed", timings
+    # A lone candidate is timed too: its step time is what the live speed is compared with
+    # (contention_warning), on CPUs without bfloat16 as well.
+    best.chosen_by, best.step_seconds = "timed" if len(candidates) > 1 else "default", timings
     _write_cache(cache_dir, key, {"precision": best.precision, "channels_last": best.channels_last,
                                   "step_seconds": timings})
     return best
@@ -145,3 +148,56 @@ def _write_cache(cache_dir, key: str, value: dict) -> None:
         os.replace(temporary, path)
     except OSError:
         pass  # not caching only costs the timing again next time
+
+
+# Below this share of the timed speed, training is slowed by something outside it. Without contention
+# the live figure stays well above it: the data path takes under a tenth of a step (docs/PERFORMANCE.md),
+# while a competing process was measured to cut a Hybrid epoch from 7-8 s to 36-81 s.
+SLOW_SHARE = 0.5
+# The first batches of a run include warm-up (allocations, oneDNN kernels), so they are not judged.
+WARM_UP_BATCHES = 3
+
+
+def timed_images_per_second(run: dict) -> float | None:
+    """The training speed measured while choosing the run's execution plan (the chosen plan's step
+    time in run.json), in images per second; None when the plan was not timed (a requested precision,
+    or a device with one candidate)."""
+    environment = run.get("environment") or {}
+    plan = environment.get("precision", "") + ("+channels_last" if environment.get("memory_format")
+                                               == "channels_last" else "")
+    seconds = (environment.get("step_seconds") or {}).get(plan)
+    batch_size = (run.get("config") or {}).get("batch_size")
+    return batch_size / seconds if seconds and batch_size else None
+
+
+def cpu_load() -> tuple[float | None, int]:
+    """The one-minute load average (None where the OS has none) and the cores this process may use."""
+    try:
+        load = os.getloadavg()[0]
+    except (AttributeError, OSError):
+        load = None
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return load, cores
+
+
+def contention_warning(live: float, timed: float | None, device: str = "cpu", load: float | None = None,
+                       cores: int | None = None, timed_when: str = "at start") -> str | None:
+    """A sentence when live training runs at under SLOW_SHARE of the speed timed at its start, else None."""
+    if not timed or live >= SLOW_SHARE * timed:
+        return None
+    where = "the CPU" if device == "cpu" else f"the {device.upper()} or the CPU"
+    busy = f" (load average {load:.1f} on {cores} cores)" if load is not None and cores else ""
+    return (f"Training runs at {live:.0f} img/s, {live / timed:.0%} of the {timed:.0f} img/s timed {timed_when}: "
+            f"another process may be using {where}{busy}.")
+
+
+def live_contention_warning(progress: BatchProgress | None, run: dict) -> str | None:
+    """contention_warning for a running job's latest BatchProgress and its run.json, past the warm-up."""
+    if progress is None or (progress.epoch == 1 and progress.batch < WARM_UP_BATCHES):
+        return None
+    load, cores = cpu_load()
+    environment = run.get("environment") or {}
+    # A cached plan was timed by an earlier run with the same model, device, image and batch size.
+    when = "for this setup earlier" if environment.get("precision_chosen_by") == "cache" else "at start"
+    return contention_warning(progress.images_per_second, timed_images_per_second(run),
+                              environment.get("device", "cpu"), load, cores, when)

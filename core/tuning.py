@@ -9,20 +9,26 @@ the same name continues it.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import optuna
+import pandas as pd
 
 from core.callbacks import EpochRecord, TrainingCallback
 from core.config import TrainConfig
 from core.datasets import PreparedData
+from core.estimates import StepProgress, WorkItem
 from core.runs import RunStore
 from core.training import run_training
 
 PRUNERS = ("median", "percentile", "hyperband", "none")
+# fANOVA importances from fewer finished trials are noise that looks like a finding.
+MIN_TRIALS_FOR_IMPORTANCE = 5
+STOPPED_ATTRIBUTE = "stopped_by_request"  # a trial's user attribute: the study was stopped during it
 
 
 @dataclass(frozen=True)
@@ -84,8 +90,10 @@ def run_study(data: PreparedData, base: TrainConfig, store: RunStore, study_name
               storage: str | None = None, pruner: str | optuna.pruners.BasePruner = "median",
               space: SearchSpace = SearchSpace(),
               callbacks: list[TrainingCallback] | None = None, stop: threading.Event | None = None,
-              on_trial_end: Callable[[optuna.Study, optuna.trial.FrozenTrial], None] | None = None) -> optuna.Study:
-    """Run `trials` more trials of the study (created, or continued when it exists)."""
+              on_trial_end: Callable[[optuna.Study, optuna.trial.FrozenTrial], None] | None = None,
+              on_step: Callable[[StepProgress], None] | None = None) -> optuna.Study:
+    """Run `trials` more trials of the study (created, or continued when it exists). `on_step` hears
+    "trial k of `trials`" as each trial starts, with the work left after it (for time estimates)."""
     stop = stop or threading.Event()
     study = optuna.create_study(study_name=study_name, storage=storage or default_storage(store),
                                 direction="maximize", pruner=make_pruner(pruner), load_if_exists=True)
@@ -95,7 +103,13 @@ def run_study(data: PreparedData, base: TrainConfig, store: RunStore, study_name
     study.set_user_attr("model", base.model)
     study.set_user_attr("dataset", data.describe()["fingerprint"])
 
+    work = WorkItem(base.epochs, len(data.indices("train")))
+    started = itertools.count(1)
+
     def objective(trial: optuna.Trial) -> float:
+        number = next(started)
+        if on_step:
+            on_step(StepProgress("trial", number, trials, current=work, later=(work,) * (trials - number)))
         config = space.suggest(trial, base)
         trial_stop = threading.Event()
         reporter = _ReportToTrial(trial, trial_stop, stop)
@@ -106,7 +120,10 @@ def run_study(data: PreparedData, base: TrainConfig, store: RunStore, study_name
             store.discard_resume_state(run["run_id"])
             raise optuna.TrialPruned(f"pruned after epoch {len(run['history'])}")
         if run["status"] != "completed":
-            raise RuntimeError(run.get("error") or f"run ended as {run['status']}")
+            if stop.is_set() and run["status"] == "stopped":
+                # Optuna has no "stopped" state: the trial is failed, and marked so the table can say why.
+                trial.set_user_attr(STOPPED_ATTRIBUTE, True)
+            raise RuntimeError(run.get("error") or run.get("message") or f"run ended as {run['status']}")
         # The best epoch's validation AUC: the model the run keeps. The test part is never used.
         return max(entry["val_auc"] or 0.0 for entry in run["history"])
 
@@ -124,3 +141,53 @@ def trials_table(study: optuna.Study):
     """One row per trial: number, state, value (validation AUC), parameters, run id."""
     frame = study.trials_dataframe(attrs=("number", "state", "value", "params", "user_attrs", "duration"))
     return frame.rename(columns=lambda name: name.replace("params_", "").replace("user_attrs_", ""))
+
+
+PARAMETER_NAMES = {"lr": "Learning rate", "weight_decay": "Weight decay", "dropout": "Dropout"}
+TRIAL_COLUMNS = {"number": "Trial", "value": "Validation AUC", "lr": "Learning rate", "weight_decay": "Weight decay",
+                 "dropout": "Dropout", "state": "State", "duration": "Duration", "run_id": "Run"}
+
+
+def readable_trials_table(study: optuna.Study) -> pd.DataFrame:
+    """The trials table as people read it: named columns, states in words ("stopped" for a trial the
+    study's Stop ended), durations in seconds."""
+    table = trials_table(study)
+    if table.empty:
+        return pd.DataFrame(columns=list(TRIAL_COLUMNS.values()))
+    states = table["state"].map(lambda state: str(state).replace("_", " ").lower())
+    if STOPPED_ATTRIBUTE in table:
+        states = states.mask(table[STOPPED_ATTRIBUTE].eq(True), "stopped")
+    table = table.reindex(columns=list(TRIAL_COLUMNS)).assign(state=states)
+    table["duration"] = table["duration"].map(lambda span: span.total_seconds() if pd.notna(span) else None)
+    return table.rename(columns=TRIAL_COLUMNS)
+
+
+def finished_trial_count(study: optuna.Study) -> int:
+    return sum(trial.state == optuna.trial.TrialState.COMPLETE for trial in study.trials)
+
+
+def parallel_coordinates_figure(study: optuna.Study):
+    """Optuna's parallel-coordinates plot with readable axis names and room for them: the outer names
+    ("Validation AUC", "Weight decay") and the value labels beside the first axis otherwise run off the
+    figure. Optuna 4+ draws it with scatter lines (names as x ticks); older versions with Plotly parcoords."""
+    figure = optuna.visualization.plot_parallel_coordinate(study, target_name="Validation AUC")
+    for trace in figure.data:
+        if trace.type == "parcoords":
+            trace.update(labelangle=-20, labelside="bottom",
+                         dimensions=[dict(dimension, label=PARAMETER_NAMES.get(dimension.label, dimension.label))
+                                     for dimension in trace.dimensions])
+    names = figure.layout.xaxis.ticktext
+    if names:
+        figure.update_xaxes(ticktext=[PARAMETER_NAMES.get(name, name) for name in names], tickangle=-20,
+                            range=[-0.5, len(names) - 0.5])
+    figure.update_layout(margin={"l": 90, "r": 90, "t": 60, "b": 90})
+    return figure
+
+
+def describe_parameters(params: dict) -> str:
+    """A trial's parameters as the page names them: "learning rate 6.25e-04, weight decay 6.03e-07, dropout 0.094"."""
+    def shown(name: str, value: float) -> str:
+        return f"{value:.3f}" if name == "dropout" else f"{value:.2e}"
+
+    return ", ".join(f"{PARAMETER_NAMES.get(name, name).lower()} {shown(name, value)}"
+                     for name, value in params.items())

@@ -5,16 +5,22 @@ from __future__ import annotations
 import numpy as np
 import streamlit as st
 
-from core.ablation import completed_cells, component_cells, grid_cells, run_ablation
+from core.ablation import AblationCell, completed_cells, component_cells, grid_cells, run_ablation
 from core.compare import build_comparison
+from core.estimates import TimeEstimate, WorkItem, estimate_runs, images_per_epoch
 from core.figures import grid_heatmap_figure, metric_bars_figure
 from pages.common import (
     SPLIT_RATIOS,
+    confirm_long_work,
     current_config,
     current_data_spec,
     dataset_label,
+    job_progress_and_stop,
     persistent,
+    prepared_for,
     require_entrypoint,
+    rerun_when_queue_changes,
+    run_choice_label,
     run_store,
     shared_job_queue,
 )
@@ -25,16 +31,60 @@ def planned_cells(kind: str, splits: list[str], epochs: list[int]):
     return component_cells(base) if kind == "Components" else grid_cells(base, splits, epochs)
 
 
+def study_label(study: str) -> str:
+    return f"Ablation {study}"
+
+
 def start(kind: str, cells, study: str) -> None:
     store, spec = run_store(), current_data_spec()
 
     def task(stop, callback):
-        done = run_ablation(spec, cells, store, study, callbacks=[callback], stop=stop)
+        done = run_ablation(spec, cells, store, study, callbacks=[callback], stop=stop, on_step=callback.on_step)
         if stop.is_set():
             return "stopped", "stopped by request; finished cells are kept and re-running continues"
         return ("completed", None) if len(done) == len(cells) else ("failed", "some cells did not complete")
 
-    shared_job_queue().submit_task(f"Ablation {study}", cells[0].config, spec, task)
+    shared_job_queue().submit_task(study_label(study), cells[0].config, spec, task, kind="ablation")
+
+
+def estimate_cells(cells: list[AblationCell]) -> TimeEstimate | None:
+    """The cells still to train, each at its model's recorded rate and its split's share of the images."""
+    spec = current_data_spec()
+    base = current_config("resnet18")
+    try:
+        total_images = len(prepared_for(spec, base).table)
+    except (OSError, ValueError):
+        return None  # the Data page shows what is wrong with the dataset
+    return estimate_runs(run_store(), [
+        (cell.config.model, cell.config.resolved(spec).image_size,
+         WorkItem(cell.config.epochs, images_per_epoch(total_images, cell.config))) for cell in cells])
+
+
+def start_blocker(study: str) -> str:
+    """Why Run is disabled: the same study already queued or running (a second copy would redo its cells)."""
+    for job in shared_job_queue().snapshot().jobs:
+        if job.active and job.label == study_label(study):
+            return f"Study {study!r} is already {job.state}" + (
+                f" ({job.describe_step()})." if job.describe_step() else ".")
+    return ""
+
+
+def launch(kind: str, cells: list[AblationCell], study: str) -> None:
+    pending = [cell for cell in cells if cell.key not in completed_cells(run_store(), study)]
+    estimate = estimate_cells(pending) if pending else None
+    if estimate is not None:
+        epochs = sum(cell.config.epochs for cell in pending)
+        st.caption(f"{len(pending)} of {len(cells)} cells to train ({epochs} epochs in all): "
+                   f"{estimate.describe()}, {estimate.explain()}.")
+    confirmed = estimate is None or confirm_long_work(estimate, "ablation.confirm_long")
+    blocker = start_blocker(study)
+    if st.button(f"Run the {len(cells)} cells", key="ablation.start", type="primary", icon=":material/science:",
+                 disabled=bool(blocker) or not confirmed, help=blocker or None):
+        start(kind, cells, study)
+        st.toast("Queued in the background queue (progress also on the Train page).")
+        st.rerun()  # draws Run disabled, now that the study is queued
+    if blocker:
+        st.caption(blocker)
 
 
 def show_results(kind: str, cells, study: str, splits: list[str], epochs: list[int]) -> None:
@@ -68,17 +118,20 @@ def show_results(kind: str, cells, study: str, splits: list[str], epochs: list[i
                  column_config={name: st.column_config.NumberColumn(format="%.3f") for name in shown.columns[1:]})
 
 
+def show_study_runs(study: str) -> None:
+    runs = [run for run in run_store().list_runs() if (run.get("tags") or {}).get("ablation") == study]
+    if not runs:
+        return
+    with st.expander(f"Runs of this study ({len(runs)})"):
+        st.markdown("\n".join(f"- {run_choice_label(run)} ({run.get('status', '?')})" for run in runs))
+
+
 @st.fragment(run_every=2.0)
 def live(kind, cells, study, splits, epochs) -> None:
-    current = shared_job_queue().snapshot().current
-    if current is not None:
-        progress = current.progress
-        st.progress(progress.fraction_done if progress else 0.0,
-                    text=f"{current.label}: " + (f"epoch {progress.epoch}/{progress.epochs}" if progress
-                                                 else "preparing ..."))
-        if st.button("Stop", key="ablation.stop", icon=":material/stop:"):
-            shared_job_queue().stop_current()
+    job_progress_and_stop("ablation", "ablation", "an ablation started here will start after it")
+    rerun_when_queue_changes("ablation")
     show_results(kind, cells, study, splits, epochs)
+    show_study_runs(study)
 
 
 def main() -> None:
@@ -106,9 +159,7 @@ def main() -> None:
     study = persistent(st.text_input, "Study name", f"ablation_study_{kind[:4]}", default_study,
                        help="Re-running a study continues it: completed cells are not trained again.").strip()
     cells = planned_cells(kind, splits, epochs)
-    if st.button(f"Run the {len(cells)} cells", key="ablation.start", type="primary", icon=":material/science:"):
-        start(kind, cells, study or default_study)
-        st.toast("Queued in the background queue (progress also on the Train page).")
+    launch(kind, cells, study or default_study)
     live(kind, cells, study or default_study, splits, epochs)
 
 

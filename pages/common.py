@@ -9,7 +9,7 @@ import streamlit as st
 
 from core.config import PRESETS, DataSpec, TrainConfig
 from core.datasets import PreparedData, prepare_data
-from core.jobs import JobQueue, shared_queue
+from core.jobs import Job, JobQueue, shared_queue
 from core.models import get_model_spec
 from core.runs import RunStore, default_runs_dir, run_label
 
@@ -118,3 +118,51 @@ def run_choice_label(run: dict) -> str:
     """How every page names a run in its lists: model, purpose when it is a tuning trial or an ablation
     cell, and run id."""
     return run_label(run, get_model_spec(run["model"]).display_name)
+
+
+# Which page owns each kind of queued job: the only page that offers to stop it.
+JOB_PAGES = {"train": "Train", "tune": "Tune", "ablation": "Ablation"}
+SEEN_QUEUE = "queue.seen"  # + page key: (current job, busy) this page was last drawn for
+
+
+def job_progress_and_stop(kind: str, page_key: str, waiting: str) -> Job | None:
+    """The queue's current job as one progress line. Stop is offered only when the job is of this page's
+    kind; otherwise the page says what the queue is busy with, that `waiting` ("this ablation will start
+    after it") and where that job can be stopped. Returns the current job."""
+    queue = shared_job_queue()
+    current = queue.snapshot().current
+    if current is None:
+        return None
+    st.progress(current.fraction_done, text=current.progress_text())
+    if current.kind == kind:
+        if st.button(f"Stop {current.title}", key=f"{page_key}.stop", icon=":material/stop:",
+                     help="Ends it cleanly after the current batch; finished work and the best checkpoint are kept."):
+            stopped = queue.stop(current.job_id)
+            st.toast("Stopping after the current batch." if stopped else f"{current.title} had already ended.")
+    else:
+        st.info(f"The queue is busy with {current.busy_text()}; {waiting}. Stop it on the "
+                f"{JOB_PAGES.get(current.kind, 'Train')} page.", icon=":material/hourglass_top:")
+    return current
+
+
+def rerun_when_queue_changes(page_key: str) -> None:
+    """From a polling fragment: rerun the whole page when a job starts or ends, so that widgets outside
+    the fragment (a disabled Start button, the results) follow the queue."""
+    snapshot = shared_job_queue().snapshot()
+    current = snapshot.current
+    seen = (current.job_id if current is not None else None, snapshot.busy)
+    key = f"{SEEN_QUEUE}.{page_key}"
+    previous = st.session_state.get(key, seen)
+    st.session_state[key] = seen
+    if previous != seen:
+        st.rerun(scope="app")
+
+
+def confirm_long_work(estimate, key: str) -> bool:
+    """True when the work may be queued: at once when it is short, after a ticked box when it is long.
+    The box's key holds the rounded estimate, so a bigger plan asks again."""
+    if not estimate.long:
+        return True
+    st.warning(f"This is {estimate.describe()} of training on this machine, {estimate.explain()}.",
+               icon=":material/timer:")
+    return st.checkbox(f"I understand this takes {estimate.describe()}", key=f"{key}.{estimate.describe()}")

@@ -11,7 +11,9 @@ import streamlit as st
 from core.config import DEVICES, MODEL_NAMES, PAPER_IMAGE_SIZE, PRECISIONS, SYNTHETIC_TRAIN_SIZE
 from core.figures import training_curves_figure
 from core.jobs import Job, QueueSnapshot
-from core.models import get_model_spec
+from core.models import get_model_spec, pretrained_weights_available, weights_download_possible
+from core.precision import live_contention_warning
+from core.runs import run_purpose
 from core.training import ResumeError
 from pages.common import (
     LIVE_FIGURE,
@@ -22,13 +24,17 @@ from pages.common import (
     current_config,
     current_data_spec,
     dataset_label,
+    job_progress_and_stop,
     persistent,
     require_entrypoint,
+    run_choice_label,
     run_store,
     shared_job_queue,
+    stored,
 )
 
 PRESET_LABELS = {"Quick demo": "quick", "Paper": "paper"}
+DEFAULT_MODELS = ["hybrid_sresnet"]
 IMAGE_SIZES = ["auto", 32, 48, 64, 96, 128, 160, 192, 224, 256, 320]
 # Log-spaced choices, three per decade, plus the paper's Optuna optimum and the demo's defaults.
 LEARNING_RATES = sorted({float(f"{v:.3g}") for v in np.logspace(-5, -1, 13)} | {2.52e-4, 1e-3})
@@ -76,8 +82,12 @@ def hyperparameter_widgets() -> None:
                    help="Random horizontal flip, rotation and colour jitter, on tensors")
         persistent(st.toggle, "Weighted sampler", "weighted_sampler", quick.weighted_sampler)
         persistent(st.toggle, "Cosine LR schedule", "scheduler", quick.scheduler)
-        persistent(st.toggle, "ImageNet weights", "pretrained", quick.pretrained,
-                   help="Downloaded through torchvision when there is a network; otherwise random initialisation.")
+        available, note = imagenet_weights_note()
+        persistent(st.toggle, "ImageNet weights", "pretrained", quick.pretrained and available,
+                   help="Loaded through torchvision's weights API: from its cache, else downloaded; without "
+                        "either, random initialisation." + (f" {note}" if note else ""))
+        if note:
+            st.caption(note if available else f":material/cloud_off: {note}")
     with st.expander("Advanced"):
         left, middle, right = st.columns(3)
         with left:
@@ -94,9 +104,32 @@ def hyperparameter_widgets() -> None:
                        help="A .pt state_dict: ImageNet weights for the backbone, or a model.pt of an earlier run.")
 
 
+@st.cache_data(ttl=300, show_spinner=False)
+def weights_server_reachable() -> bool:
+    # One HEAD request per five minutes for the whole server, not one per rerun of every session.
+    return weights_download_possible()
+
+
+def imagenet_weights_note() -> tuple[bool, str | None]:
+    """Whether the chosen models can start from trained weights, and what the toggle should say when
+    some are not in torchvision's cache. Files only, and at most a HEAD request: nothing is downloaded."""
+    names = stored("models", DEFAULT_MODELS) or list(MODEL_NAMES)  # none chosen: Train all five is left
+    weights_file = (stored("weights_file") or "").strip()
+    if weights_file:
+        return True, "A local weights file is set (Advanced): runs start from it, whatever this toggle says."
+    missing = [model_label(name) for name in names if not pretrained_weights_available(name)]
+    if not missing:
+        return True, None
+    which = "ImageNet weights" if len(missing) == len(names) else f"ImageNet weights of {', '.join(missing)}"
+    if weights_server_reachable():
+        return True, f"{which} are not in the cache yet: torchvision downloads them when the run starts."
+    return False, (f"{which} are not in the cache and there is no network: runs will start from random "
+                   "initialisation. A local weights file (Advanced) can be used instead.")
+
+
 def launch_widgets() -> None:
     queue = shared_job_queue()
-    models = persistent(st.multiselect, "Models", "models", ["hybrid_sresnet"], options=list(MODEL_NAMES),
+    models = persistent(st.multiselect, "Models", "models", DEFAULT_MODELS, options=list(MODEL_NAMES),
                         format_func=model_label)
     left, right, _ = st.columns([1, 1, 3])
     start = left.button("Start", key="train.start", type="primary", disabled=not models,
@@ -109,23 +142,8 @@ def launch_widgets() -> None:
         except ValueError as error:
             st.error(f"Cannot start: {error}")
             return
-        queue.submit(configs, current_data_spec())
+        queue.submit(configs, current_data_spec(), group="Train all five" if all_five else "")
         st.toast(f"Queued {len(configs)} run(s)", icon=":material/schedule:")
-
-
-def progress_text(job: Job) -> str:
-    progress = job.progress
-    name = job.label or model_label(job.config.model)
-    if job.state == "preparing" or progress is None:
-        return f"{name}: preparing data and timing precision ..."
-    return (f"{name}: epoch {progress.epoch}/{progress.epochs}, batch {progress.batch}/"
-            f"{progress.batches} · {progress.images_per_second:.0f} images/s · loss {progress.loss:.3f} · "
-            f"about {format_seconds(progress.eta_seconds)} left")
-
-
-def format_seconds(seconds: float) -> str:
-    seconds = int(round(seconds))
-    return f"{seconds // 60} min {seconds % 60:02d} s" if seconds >= 60 else f"{seconds} s"
 
 
 def live_curves(job: Job):
@@ -144,20 +162,18 @@ def live_progress() -> None:
     """Redrawn every 2 s: progress, curves and the queue; the page itself is not rerun."""
     queue = shared_job_queue()
     snapshot = queue.snapshot()
-    for message in snapshot.warnings:
+    for message in active_warnings(snapshot):
         st.warning(message, icon=":material/cloud_off:")
     current = snapshot.current
     if current is not None:
-        fraction = current.progress.fraction_done if current.progress else 0.0
-        st.progress(min(fraction, 1.0), text=progress_text(current))
+        # Stop only for runs: a study is stopped on its own page, which knows what stopping it keeps.
+        job_progress_and_stop("train", "train", "runs started here wait their turn behind it")
+        show_contention_warning(current)
         if current.history:
             st.plotly_chart(live_curves(current), width="stretch", key="train.live_curves")
-        stop_column, clear_column, _ = st.columns([1, 1, 3])
-        if stop_column.button("Stop", key="train.stop", icon=":material/stop:"):
-            queue.stop_current()
-            st.toast("Stopping after the current batch; the best checkpoint is kept.")
-        if clear_column.button("Clear queue", key="train.clear", disabled=not snapshot.queued):
-            st.toast(f"Removed {queue.clear_queue()} queued run(s)")
+        if st.button("Clear queue", key="train.clear", disabled=not snapshot.queued,
+                     help="Drops the jobs not started yet; the running one goes on."):
+            st.toast(f"Removed {queue.clear_queue()} queued job(s)")
     show_queue(snapshot)
     seen = (sum(not job.active for job in snapshot.jobs), current.run_id if current is not None else None)
     if st.session_state.get(SEEN_FINISHED, seen) != seen:
@@ -166,12 +182,34 @@ def live_progress() -> None:
     st.session_state[SEEN_FINISHED] = seen
 
 
+def active_warnings(snapshot: QueueSnapshot) -> list[str]:
+    """The warnings of jobs still queued or running, each once: a finished run's warning (no ImageNet
+    weights) is in its row of the run table, and the toggle already says it before Start."""
+    return list(dict.fromkeys(message for job in snapshot.jobs if job.active for message in job.warnings))
+
+
+@st.cache_data(max_entries=8, show_spinner=False)
+def run_at_start(root: str, run_id: str) -> dict:
+    # The environment and config a run was started with do not change while it trains: read them once.
+    run = run_store().load(run_id) or {}
+    return {"environment": run.get("environment") or {}, "config": run.get("config") or {}}
+
+
+def show_contention_warning(job: Job) -> None:
+    """Say so when the running job trains far slower than its precision timing measured at its start."""
+    if job.run_id is None or job.progress is None:
+        return
+    message = live_contention_warning(job.progress, run_at_start(str(run_store().root), job.run_id))
+    if message:
+        st.warning(message, icon=":material/speed:")
+
+
 def show_queue(snapshot: QueueSnapshot) -> None:
     recent = [job for job in snapshot.jobs if job.active or (job.finished_at or 0) > time.time() - 3600]
     if not recent:
         st.caption("Nothing is training. Choose models and press Start, or Train all five.")
         return
-    rows = [{"Job": job.job_id, "Model": job.label or model_label(job.config.model), "State": job.state,
+    rows = [{"Job": job.job_id, "Model": job.title, "State": job.state,
              "Run": job.run_id or "", "Problem": job.error or ""} for job in recent]
     st.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch", key="train.queue_table")
 
@@ -182,7 +220,7 @@ def run_rows(runs: list[dict]) -> pd.DataFrame:
         config, metrics = run.get("config") or {}, run.get("metrics") or {}
         val, test = metrics.get("val") or {}, metrics.get("test") or {}
         rows.append({
-            "Run": run["run_id"], "Model": model_label(run["model"]),
+            "Run": run["run_id"], "Model": model_label(run["model"]), "Purpose": run_purpose(run),
             "Status": run.get("status", "") + (" · resumable" if run.get("resumable") else ""),
             "Val AUC": val.get("auc"), "Val acc": val.get("accuracy"),
             "Test AUC": test.get("auc"), "Test acc": test.get("accuracy"),
@@ -206,13 +244,23 @@ def run_table() -> None:
     statuses = pd.Series([run.get("status") for run in runs]).value_counts()
     st.caption(f"{len(runs)} run(s) in {store.root}/: " + ", ".join(f"{count} {status}" for status, count in
                                                                    statuses.items()))
-    number = st.column_config.NumberColumn(format="%.4f")
-    st.dataframe(run_rows(runs), hide_index=True, width="stretch", key="train.run_table",
-                 column_config={name: number for name in ("Val AUC", "Val acc", "Test AUC", "Test acc")}
-                 | {"LR": st.column_config.NumberColumn(format="%.2e"),
-                    "Weight decay": st.column_config.NumberColumn(format="%.2e")})
+    # A running run has no metrics yet: "—" instead of Streamlit's "None" for the empty cells.
+    st.dataframe(run_rows(runs), hide_index=True, width="stretch", key="train.run_table", placeholder="—",
+                 column_config=run_table_columns())
     resume_widgets(runs)
     delete_widgets(store, runs)
+
+
+def run_table_columns() -> dict:
+    """Widths that fit a run id, a model name and a status ("stopped · resumable") without cutting them."""
+    text = st.column_config.TextColumn
+    number = st.column_config.NumberColumn(format="%.4f")
+    return ({"Run": text(width=250), "Model": text(width=130),
+             "Purpose": text(width=200, help="Training, a tuning trial or an ablation cell (from the run's tags)"),
+             "Status": text(width=150), "Seconds": st.column_config.NumberColumn(format="%.0f"),
+             "LR": st.column_config.NumberColumn(format="%.2e"),
+             "Weight decay": st.column_config.NumberColumn(format="%.2e")}
+            | {name: number for name in ("Val AUC", "Val acc", "Test AUC", "Test acc")})
 
 
 def resume_widgets(runs: list[dict]) -> None:
@@ -224,7 +272,7 @@ def resume_widgets(runs: list[dict]) -> None:
                    "is the run that training without the interruption would have given.")
         by_id = {run["run_id"]: run for run in runs}
         choice = st.selectbox("Run", resumable, key="train.resume_choice", format_func=lambda run_id: (
-            f"{model_label(by_id[run_id]['model'])} · {run_id} · {by_id[run_id]['status']} after epoch "
+            f"{run_choice_label(by_id[run_id])} · {by_id[run_id]['status']} after epoch "
             f"{len(by_id[run_id].get('history') or [])} of {(by_id[run_id].get('config') or {}).get('epochs', '?')}"))
         if st.button("Resume", key="train.resume", icon=":material/play_arrow:"):
             try:
@@ -241,7 +289,9 @@ def delete_widgets(store, runs: list[dict]) -> None:
     if not deletable:
         return
     with st.expander("Delete a run"):
-        choice = st.selectbox("Run", deletable, key="train.delete_choice")
+        by_id = {run["run_id"]: run for run in runs}
+        choice = st.selectbox("Run", deletable, key="train.delete_choice",
+                              format_func=lambda run_id: run_choice_label(by_id[run_id]))
         if st.button("Delete", key="train.delete", icon=":material/delete:"):
             st.session_state[PENDING_DELETE] = choice
         pending = st.session_state.get(PENDING_DELETE)

@@ -144,3 +144,61 @@ def test_a_stopped_run_is_resumed_through_the_queue(queue, store):
     assert store.load(stopped.run_id)["status"] == "stopped" and len(store.list_runs()) == 1
     with pytest.raises(ResumeError, match="no run"):
         queue.submit_resume("missing")
+
+
+def waiting_task(steps=()):
+    """A study's task without training: reports its steps and one batch, then waits to be stopped."""
+    from core.callbacks import BatchProgress
+
+    def task(stop, callback):
+        for step in steps:
+            callback.on_step(step)
+        callback.on_batch_end(BatchProgress("r", "resnet18", 1, 2, 3, 10, 0.7, 50.0, 6.0, 34.0))
+        stop.wait(30)
+        return "stopped", "stopped by request"
+
+    return task
+
+
+def test_a_study_reports_its_step_kind_and_title_through_the_queue(queue):
+    from core.estimates import StepProgress, WorkItem
+
+    work = WorkItem(2, 100)
+    steps = [StepProgress("trial", 1, 3, current=work, later=(work, work)),
+             StepProgress("trial", 2, 3, current=work, later=(work,))]
+    job_id = queue.submit_task("Tune study demo", TINY_CONFIG, TINY_SYNTHETIC, waiting_task(steps), kind="tune")
+    wait_for(lambda: (job := queue.snapshot().current) is not None and job.progress is not None)
+    job = queue.snapshot().current
+    assert (job.job_id, job.kind, job.title, job.describe_step()) == (job_id, "tune", "Tune study demo", "trial 2 of 3")
+    assert job.progress_text().startswith("Tune study demo: trial 2 of 3 · epoch 1/2 · batch 3/10 · 50 img/s · ")
+    queue.stop_current()
+    assert queue.wait_until_idle(timeout=30)
+    with pytest.raises(ValueError, match="unknown job kind"):
+        queue.submit_task("x", TINY_CONFIG, TINY_SYNTHETIC, waiting_task(), kind="explain")
+
+
+def test_stop_names_its_job_so_a_late_click_never_stops_the_next_one(queue):
+    first = queue.submit_task("Ablation a", TINY_CONFIG, TINY_SYNTHETIC, waiting_task(), kind="ablation")
+    second = queue.submit_task("Tune study b", TINY_CONFIG, TINY_SYNTHETIC, waiting_task(), kind="tune")
+    wait_for(lambda: (job := queue.snapshot().current) is not None and job.job_id == first)
+    assert not queue.stop(second), "the Tune page's Stop for a job still queued stops nothing"
+    assert queue.snapshot().current.job_id == first
+    assert queue.stop(first)
+    wait_for(lambda: (job := queue.snapshot().current) is not None and job.job_id == second)
+    assert not queue.stop(first), "a second click on the ablation's Stop does not stop the study behind it"
+    assert queue.snapshot().current.state in ("preparing", "running")
+    assert queue.stop(second) and queue.wait_until_idle(timeout=30)
+    assert [job.state for job in queue.snapshot().jobs] == ["stopped", "stopped"]
+
+
+def test_a_batch_of_runs_is_numbered_and_named(queue):
+    blocker = queue.submit_task("Tune study busy", TINY_CONFIG, TINY_SYNTHETIC, waiting_task(), kind="tune")
+    wait_for(lambda: (job := queue.snapshot().current) is not None and job.job_id == blocker)
+    ids = queue.submit([TINY_CONFIG, dataclasses.replace(TINY_CONFIG, model="hybrid_sresnet")], TINY_SYNTHETIC,
+                       group="Train all five")
+    jobs = {job.job_id: job for job in queue.snapshot().jobs}
+    assert [jobs[job_id].kind for job_id in ids] == ["train", "train"]
+    assert [jobs[job_id].title for job_id in ids] == ["ResNet18 run 1 of 2 (Train all five)",
+                                                      "Hybrid S-ResNet run 2 of 2 (Train all five)"]
+    assert queue.clear_queue() == 2 and queue.stop(blocker)  # only the names matter; nothing needs to train
+    assert queue.wait_until_idle(timeout=30)

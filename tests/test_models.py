@@ -1,11 +1,21 @@
 
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
 from torchvision import models as tv
 
 import core.models
-from core.models import MODEL_REGISTRY, HybridSResNet, build_model, get_model_spec
+from core.models import (
+    MODEL_REGISTRY,
+    HybridSResNet,
+    build_model,
+    cached_imagenet_path,
+    get_model_spec,
+    pretrained_weights_available,
+    weights_download_possible,
+)
 from tests.conftest import write_crafted_pickle
 
 
@@ -97,3 +107,53 @@ def test_damaged_cached_weights_fall_back_with_a_warning():
     warnings = []
     _, weights = build_model("resnet18", pretrained=True, warn=warnings.append)
     assert weights == "random" and "unreadable" in warnings[0]
+
+
+def test_weights_availability_looks_at_torchvisions_cache_without_downloading(tmp_path, monkeypatch):
+    def no_download(*args, **kwargs):
+        raise AssertionError("checking availability must not download")
+
+    monkeypatch.setattr(tv.ResNet18_Weights.IMAGENET1K_V1.__class__, "get_state_dict", no_download)
+    assert not any(pretrained_weights_available(name) for name in MODEL_REGISTRY), "the test's TORCH_HOME is empty"
+    path = cached_imagenet_path(get_model_spec("resnet18"))
+    assert path.parent == Path(torch.hub.get_dir()) / "checkpoints" and path.name.startswith("resnet18-")
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"")
+    # The Hybrid S-ResNet's backbone loads ResNet18's ImageNet file.
+    assert pretrained_weights_available("resnet18") and pretrained_weights_available("hybrid_sresnet")
+    assert not pretrained_weights_available("resnet50")
+    local = tmp_path / "resnet50-local.pt"
+    local.write_bytes(b"")
+    assert pretrained_weights_available("resnet50", weights_file=local)
+    assert not pretrained_weights_available("resnet50", weights_file=tmp_path / "missing.pt")
+
+
+def test_weights_download_check_sends_only_a_head_request(monkeypatch):
+    import urllib.request
+
+    requests = []
+
+    class Answer:
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+    def answering(request, timeout):
+        requests.append(request.get_method())
+        return Answer()
+
+    def unreachable(request, timeout):
+        requests.append(request.get_method())
+        raise urllib.error.URLError("Name or service not known")
+
+    monkeypatch.setattr(core.models, "_network_failed", False)
+    monkeypatch.setattr(urllib.request, "urlopen", answering)
+    assert weights_download_possible()
+    monkeypatch.setattr(urllib.request, "urlopen", unreachable)
+    assert not weights_download_possible()
+    assert requests == ["HEAD", "HEAD"]
+    monkeypatch.setattr(core.models, "_network_failed", True)
+    assert not weights_download_possible(), "a failed download in this process settles it"
+    assert len(requests) == 2

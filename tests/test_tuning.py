@@ -8,7 +8,7 @@ import pytest
 from core.ablation import component_cells, grid_cells, run_ablation
 from core.cli import main
 from core.datasets import prepare_data
-from core.tuning import run_study, trials_table
+from core.tuning import parallel_coordinates_figure, readable_trials_table, run_study, trials_table
 from tests.conftest import TINY_CONFIG, TINY_SYNTHETIC
 
 TWO_EPOCHS = dataclasses.replace(TINY_CONFIG, epochs=2)
@@ -25,8 +25,13 @@ def tiny_data(tmp_path_factory):
 
 
 def test_study_persists_and_continues(tiny_data, store):
-    study = run_study(tiny_data, TWO_EPOCHS, store, "demo", trials=2, pruner="none")
+    steps = []
+    study = run_study(tiny_data, TWO_EPOCHS, store, "demo", trials=2, pruner="none", on_step=steps.append)
     assert len(study.trials) == 2 and all(trial.state.name == "COMPLETE" for trial in study.trials)
+    train_images = len(tiny_data.indices("train"))
+    assert [step.describe() for step in steps] == ["trial 1 of 2", "trial 2 of 2"]
+    assert [len(step.later) for step in steps] == [1, 0]
+    assert steps[0].current.images == 2 * train_images, "two epochs over the training part"
     assert (store.root / "optuna.db").exists()
     assert all(0 <= trial.value <= 1 for trial in study.trials)
     runs = store.list_runs()
@@ -37,6 +42,14 @@ def test_study_persists_and_continues(tiny_data, store):
     assert again.trials[2].params != again.trials[0].params, "a continued study does not replay its first trial"
     table = trials_table(again)
     assert {"number", "state", "value", "lr", "weight_decay", "dropout", "run_id"} <= set(table.columns)
+    readable = readable_trials_table(again)
+    assert list(readable.columns) == ["Trial", "Validation AUC", "Learning rate", "Weight decay", "Dropout", "State",
+                                      "Duration", "Run"]
+    assert list(readable["State"]) == ["complete"] * 3 and (readable["Duration"] > 0).all()
+    assert list(readable["Learning rate"]) == [trial.params["lr"] for trial in again.trials], "not rounded"
+    figure = parallel_coordinates_figure(again)
+    assert figure.layout.margin.l >= 80 and figure.layout.margin.r >= 80 and figure.layout.margin.b >= 80
+    assert list(figure.layout.xaxis.ticktext) == ["Validation AUC", "Dropout", "Learning rate", "Weight decay"]
 
 
 def test_bad_trials_are_pruned_after_an_epoch(tiny_data, store):
@@ -49,16 +62,40 @@ def test_bad_trials_are_pruned_after_an_epoch(tiny_data, store):
     assert not run["resumable"], "a pruned trial keeps no optimizer state"
 
 
+def test_a_trial_cut_by_the_studys_stop_reads_stopped(tiny_data, store):
+    import threading
+
+    from core.callbacks import TrainingCallback
+    from core.tuning import describe_parameters
+
+    stop = threading.Event()
+
+    class StopAtFirstBatch(TrainingCallback):
+        def on_batch_end(self, progress) -> None:
+            stop.set()
+
+    study = run_study(tiny_data, TWO_EPOCHS, store, "cut", trials=3, pruner="none", callbacks=[StopAtFirstBatch()],
+                      stop=stop)
+    assert len(study.trials) == 1 and study.trials[0].state.name == "FAIL", "the study ended with the stop"
+    assert list(readable_trials_table(study)["State"]) == ["stopped"]
+    assert describe_parameters({"lr": 6.25e-4, "weight_decay": 6.03e-7, "dropout": 0.0936}) == (
+        "learning rate 6.25e-04, weight decay 6.03e-07, dropout 0.094")
+
+
 def test_component_ablation_runs_each_step_once(store):
     cells = component_cells(TINY_CONFIG)
     assert [cell.config.model for cell in cells] == ["resnet18"] * 4 + ["hybrid_sresnet"]
     assert not cells[0].config.augment and cells[1].config.augment and cells[2].config.weighted_sampler
     assert cells[0].config.label_smoothing == 0 and cells[3].config.label_smoothing > 0 and cells[4].config.scheduler
-    done = run_ablation(TINY_SYNTHETIC, cells, store, "components")
+    steps = []
+    done = run_ablation(TINY_SYNTHETIC, cells, store, "components", on_step=steps.append)
     assert len(done) == 5 and len(store.list_runs()) == 5
+    assert [step.describe() for step in steps][1] == "cell 2 of 5 (+ augmentation)"
+    assert [len(step.later) for step in steps] == [4, 3, 2, 1, 0]
     assert len({run["dataset"]["split_fingerprint"] for run in done.values()}) == 1, "one split for every step"
-    again = run_ablation(TINY_SYNTHETIC, cells, store, "components")
+    again = run_ablation(TINY_SYNTHETIC, cells, store, "components", on_step=steps.append)
     assert len(store.list_runs()) == 5, "finished cells are not redone"
+    assert len(steps) == 5, "no step is reported for a cell already done"
     assert {run["run_id"] for run in again.values()} == {run["run_id"] for run in done.values()}
 
 
@@ -143,9 +180,10 @@ def test_tune_page_runs_a_tiny_study_and_trains_with_best(tmp_path, monkeypatch)
     app.number_input(key="widget.tune_trials").set_value(2)
     app.selectbox(key="widget.tune_model").set_value("resnet18").run()
     app.button(key="tune.start").click().run()
-    wait_for(lambda: any("value" in frame.value.columns and len(frame.value) == 2
-                         and set(frame.value["state"]) <= {"COMPLETE", "PRUNED", "FAIL"} for frame in app.dataframe))
+    wait_for(lambda: any("Validation AUC" in frame.value.columns and len(frame.value) == 2
+                         and set(frame.value["State"]) <= {"complete", "pruned", "fail"} for frame in app.dataframe))
     assert len(app.get("plotly_chart")) >= 2, "optimisation history and parallel coordinates"
+    assert any("need at least 5 finished trials" in caption.value for caption in app.caption)
     app.button(key="tune.train_best").click().run()
     assert not app.exception
 
