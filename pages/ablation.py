@@ -115,6 +115,7 @@ def show_results(kind: str, cells, study: str, splits: list[str], epochs: list[i
                     width="stretch", key="ablation.overfitting")
     shown = table[["Model", "Train acc", "Test acc", "AUC", "AUC low", "AUC high", "Recall", "Specificity"]]
     st.dataframe(shown.rename(columns={"Model": "Cell"}), hide_index=True, width="stretch", key="ablation.table",
+                 placeholder="—",
                  column_config={name: st.column_config.NumberColumn(format="%.3f") for name in shown.columns[1:]})
 
 

@@ -117,7 +117,8 @@ def show_study(study: optuna.Study) -> None:
     if table.empty:
         st.caption("No trials yet.")
         return
-    st.dataframe(table, hide_index=True, width="stretch", key="tune.trials", column_config=TRIAL_FORMATS)
+    st.dataframe(table, hide_index=True, width="stretch", key="tune.trials", placeholder="—",
+                 column_config=TRIAL_FORMATS)
     finished = finished_trial_count(study)
     if not finished:
         return
