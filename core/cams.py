@@ -4,11 +4,16 @@ A `CamExplainer` owns a private, frozen copy of a model: the caller's model is n
 eval mode, never gets hooks and never has its gradients zeroed. Its target layer's output is made a
 gradient leaf, so a backward pass runs only through the layers after it (the weights need no
 gradients), and a lock keeps two sessions from interleaving their hooks on a shared model.
+
+An explanation of a run's test image shows the P(malignant) the run stored in predictions.csv: the
+model gets the run's own prepared pixels at its image size (`run_model_input`) and its forward pass
+runs in the run's recorded precision (`explainer_for_run`). Only the display is upscaled.
 """
 
 from __future__ import annotations
 
 import copy
+import io
 import logging
 import math
 import threading
@@ -29,13 +34,17 @@ from pytorch_grad_cam import (
     ScoreCAM,
     XGradCAM,
 )
+from pytorch_grad_cam.ablation_layer import AblationLayer
 from pytorch_grad_cam.metrics.road import ROADCombined
+from pytorch_grad_cam.utils.find_layers import replace_layer_recursive
 from pytorch_grad_cam.utils.image import show_cam_on_image
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputSoftmaxTarget, ClassifierOutputTarget
 from scipy import stats as scipy_stats
 from torch import nn
 
 from core.augment import normalise
+from core.datasets import PreparedData
+from core.images import decode_image
 from core.models import build_model, get_model_spec
 
 logger = logging.getLogger(__name__)
@@ -112,11 +121,67 @@ class CamResult:
         return np.clip(self.cam / top, 0, 1) if top > 1e-12 else np.zeros_like(self.cam)
 
 
-class CamExplainer:
-    """CAMs of one model; safe to share between threads."""
+class CamCancelled(RuntimeError):
+    """A slow CAM stopped on request between two of its forward passes."""
 
-    def __init__(self, model: nn.Module, model_name: str) -> None:
+
+PRECISIONS = ("fp32", "bf16")
+
+
+class ForwardPassProgress:
+    """Reports a slow CAM's progress per forward pass of the model, and stops it between passes.
+
+    Score-CAM scores, and Ablation-CAM ablates, the target layer's channels in batches of one forward
+    pass each: a ResNet50 needs about 130 passes per image, so progress per model would sit still for a
+    long time. The number of passes is known once the first pass has shown how many channels there are.
+    """
+
+    def __init__(self, model: nn.Module, target_layer: nn.Module, method: str, batch_size: int,
+                 progress=None, stop=None) -> None:
+        self.model, self.target_layer, self.method, self.batch_size = model, target_layer, method, batch_size
+        self.progress, self.stop = progress, stop
+        self.passes, self.expected = 0, 1
+        self._handles = []
+
+    def __enter__(self) -> ForwardPassProgress:
+        self._handles = [self.model.register_forward_pre_hook(self._before_pass),
+                         self.model.register_forward_hook(self._after_pass),
+                         self.target_layer.register_forward_hook(self._count_channels)]
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+    def _count_channels(self, module, inputs, output) -> None:
+        if self.passes == 0:
+            channels = int(output.shape[1])
+            # The first pass, plus Ablation-CAM's own unablated pass, plus one pass per batch of channels.
+            extra = 1 if self.method == "ablationcam" else 0
+            self.expected = 1 + extra + math.ceil(channels / self.batch_size)
+
+    def _before_pass(self, module, inputs) -> None:
+        if self.stop is not None and self.stop.is_set():
+            raise CamCancelled("cancelled")
+
+    def _after_pass(self, module, inputs, output) -> None:
+        self.passes += 1
+        if self.progress is not None:
+            self.progress(min(self.passes / self.expected, 1.0))
+
+
+class CamExplainer:
+    """CAMs of one model; safe to share between threads.
+
+    `precision` is the one the model's run evaluated in (run.json's environment): with 'bf16' the
+    reported P(malignant), and the class a 'predicted' target explains, come from a bf16-autocast
+    channels-last forward pass as in training's evaluation; the map itself is computed in fp32."""
+
+    def __init__(self, model: nn.Module, model_name: str, precision: str = "fp32") -> None:
+        if precision not in PRECISIONS:
+            raise ValueError(f"unknown precision {precision!r} (choose from {', '.join(PRECISIONS)})")
         self.model_name = model_name
+        self.precision = precision
         self.model = copy.deepcopy(model).float().to(memory_format=torch.contiguous_format).eval()
         for parameter in self.model.parameters():
             parameter.requires_grad_(False)
@@ -137,21 +202,54 @@ class CamExplainer:
         if method != self._method:
             if self._cam is not None:
                 self._cam.activations_and_grads.release()
-            self._cam = _RAW_CLASSES[method](model=self.model, target_layers=[self.target_layer])
+            # Ablation-CAM's default ablation layer is one instance shared by every AblationCAM object (a
+            # default argument), and it holds per-batch state: each explainer gets its own.
+            options = {"ablation_layer": AblationLayer()} if method == "ablationcam" else {}
+            self._cam = _RAW_CLASSES[method](model=self.model, target_layers=[self.target_layer], **options)
             self._method = method
         return self._cam
 
-    def explain(self, image: torch.Tensor, method: str = "gradcam", target: str | int = "predicted") -> CamResult:
-        """The map of one normalised image (1 x 3 x H x W). target: 'predicted', 0 (benign) or 1 (malignant)."""
+    def explain(self, image: torch.Tensor, method: str = "gradcam", target: str | int = "predicted",
+                progress=None, stop=None) -> CamResult:
+        """The map of one normalised image (1 x 3 x H x W). target: 'predicted', 0 (benign) or 1 (malignant).
+        Slow methods call `progress(fraction)` after each forward pass and raise CamCancelled when
+        `stop` (an Event) is set."""
         with self._lock:
+            probability = self._recorded_precision_probability(image)
+            if probability is not None and target == "predicted":
+                target = int(probability >= 0.5)  # the class the tile names, not fp32's argmax
             cam = self._cam_object(method)
             # targets=None makes grad-cam explain its own argmax: one forward pass serves both.
             targets = None if target == "predicted" else [ClassifierOutputTarget(int(target))]
-            maps = cam(input_tensor=image, targets=targets)
+            maps = self._run_cam(cam, image, targets, method, progress, stop)
             logits = cam.outputs.detach().float()
-            probability = float(torch.softmax(logits, 1)[0, 1])
+            if probability is None:
+                probability = float(torch.softmax(logits, 1)[0, 1])
             target_class = int(logits[0].argmax()) if target == "predicted" else int(target)
             return CamResult(self.model_name, maps[0].astype(np.float32), probability, target_class, method)
+
+    def _recorded_precision_probability(self, image: torch.Tensor) -> float | None:
+        """P(malignant) as training's `evaluate` computes it under a bf16 plan (None for fp32, whose CAM
+        forward pass already is that computation)."""
+        if self.precision == "fp32":
+            return None
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            logits = self.model(image.contiguous(memory_format=torch.channels_last)).float()
+        return float(torch.softmax(logits, 1)[0, 1])
+
+    def _run_cam(self, cam, image: torch.Tensor, targets, method: str, progress, stop) -> np.ndarray:
+        if not CAM_METHODS[method].slow:
+            return cam(input_tensor=image, targets=targets)
+        counter = ForwardPassProgress(self.model, self.target_layer, method, getattr(cam, "batch_size", 16),
+                                      progress, stop)
+        try:
+            with counter:
+                return cam(input_tensor=image, targets=targets)
+        finally:
+            # Ablation-CAM swaps the target layer for its ablation layer while it runs and puts it back only
+            # when it ends normally; after a cancel the shared model must get its own layer back.
+            if isinstance(cam, AblationCAM):
+                replace_layer_recursive(self.model, cam.ablation_layer, self.target_layer)
 
     def faithfulness(self, image_uint8: np.ndarray, result: CamResult, size: int,
                      percentiles=(20, 40, 60, 80)) -> float:
@@ -183,13 +281,61 @@ def load_trained_model(run: dict, model_path: Path | str) -> nn.Module:
     return model.eval()
 
 
+def explainer_for_run(run: dict, model_path: Path | str) -> CamExplainer:
+    """The explainer of a stored run: its best weights, and the precision its predictions were computed in."""
+    return CamExplainer(load_trained_model(run, model_path), run["model"], precision=run_precision(run))
+
+
+def run_precision(run: dict) -> str:
+    """The precision of the run's evaluation as run.json's environment records it (fp32 when it does not)."""
+    precision = (run.get("environment") or {}).get("precision", "fp32")
+    return precision if precision in PRECISIONS else "fp32"
+
+
+def run_image_size(run: dict) -> int:
+    return int((run.get("config") or {})["image_size"])
+
+
+def run_model_input(run: dict, data: PreparedData, image_id: str) -> np.ndarray:
+    """The exact pixels the run evaluated for `image_id`: its dataset's prepared uint8 image at the run's
+    image size, as `prepare_data` gave it to training (not a display-size copy resized back, whose
+    pixels differ). Raises ValueError when `data` is not the run's dataset prepared at the run's size,
+    or does not hold the image."""
+    size = run_image_size(run)
+    if data.images.shape[1:3] != (size, size):
+        raise ValueError(f"the dataset was prepared at {data.images.shape[1]} px, run {run['run_id']} at {size} px")
+    recorded = (run.get("dataset") or {}).get("fingerprint")
+    if recorded and recorded != data.fingerprint:
+        raise ValueError(f"the dataset is not the one run {run['run_id']} was trained on")
+    rows = np.flatnonzero(data.table["image_id"].to_numpy() == image_id)
+    if not len(rows):
+        raise ValueError(f"image {image_id} is not in the dataset of run {run['run_id']}")
+    return data.images[rows[0]]
+
+
+def decoded_inputs(image_file: bytes, sizes: list[int]) -> list[np.ndarray]:
+    """An image file (an upload) decoded at each model's input size with `decode_image`, the function
+    the dataset cache decodes files with: each model gets what it would get were the file in its dataset."""
+    return [decode_image(io.BytesIO(image_file), size) for size in sizes]
+
+
 def resize_image(image_uint8: np.ndarray, size: int) -> np.ndarray:
-    """A square uint8 image at `size`, unchanged when it already is."""
+    """A square uint8 image at `size`, unchanged when it already is; resampled as the dataset cache
+    resizes the synthetic set (bilinear, reducing gap 2)."""
     if image_uint8.shape[:2] == (size, size):
         return image_uint8
     from PIL import Image
 
-    return np.asarray(Image.fromarray(image_uint8).resize((size, size), Image.Resampling.BILINEAR))
+    return np.asarray(Image.fromarray(image_uint8).resize((size, size), Image.Resampling.BILINEAR, reducing_gap=2.0))
+
+
+def resize_mask(mask: np.ndarray, size: int) -> np.ndarray:
+    """A lesion mask at `size` (nearest neighbour, so it stays 0/1)."""
+    if mask.shape[:2] == (size, size):
+        return mask
+    from PIL import Image
+
+    return np.asarray(Image.fromarray(mask).resize((size, size), Image.Resampling.NEAREST))
 
 
 def image_tensor(image_uint8: np.ndarray) -> torch.Tensor:
@@ -200,6 +346,18 @@ def image_tensor(image_uint8: np.ndarray) -> torch.Tensor:
 
 COLOUR_MAPS = {"jet": cv2.COLORMAP_JET, "turbo": cv2.COLORMAP_TURBO, "inferno": cv2.COLORMAP_INFERNO,
                "viridis": cv2.COLORMAP_VIRIDIS, "hot": cv2.COLORMAP_HOT}
+
+
+def colour_map_colours(colour_map: str, count: int = 64) -> list[str]:
+    """`count` CSS colours of a colour map from 0 to 1, as `overlay` paints a map: for a colour bar."""
+    codes = np.linspace(0, 255, count).round().astype(np.uint8)[:, None]
+    rgb = cv2.cvtColor(cv2.applyColorMap(codes, COLOUR_MAPS[colour_map]), cv2.COLOR_BGR2RGB)[:, 0]
+    return [f"rgb({r},{g},{b})" for r, g, b in rgb.tolist()]
+
+
+def shared_scale_maximum(results: list[CamResult]) -> float:
+    """The largest value of several maps: the top of their shared colour scale."""
+    return max((float(r.cam.max()) for r in results), default=0.0)
 
 
 def overlay(image_uint8: np.ndarray, heat: np.ndarray, opacity: float = 0.5, colour_map: str = "jet") -> np.ndarray:
@@ -264,20 +422,43 @@ class ExplainedImage:
     image: np.ndarray  # H x W x 3 uint8 at display size
     results: list[CamResult]
     mask: np.ndarray | None = None
+    inputs: list[np.ndarray] | None = None  # what each model was given, uint8 at its own input size
+
+
+def explain_inputs(explainers: list[CamExplainer], inputs: list[np.ndarray], display: np.ndarray,
+                   method: str = "gradcam", target: str | int = "predicted", mask: np.ndarray | None = None,
+                   report=None, stop=None) -> ExplainedImage:
+    """Every model's map of one image. Each model gets its own input, uint8 at its input size (a run's
+    test image: `run_model_input`; a file: `decoded_inputs`), and its map is resized to `display`, which
+    is only shown. `report(done, total)` moves within a slow method's many forward passes, not only
+    after each model; `stop` (an Event) cancels between passes."""
+    steps = 100  # per model: slow methods report a fraction of their passes
+    height, width = display.shape[:2]
+    results = []
+    for index, (explainer, image) in enumerate(zip(explainers, inputs)):
+        if stop is not None and stop.is_set():
+            raise CamCancelled("cancelled")
+
+        def progress(fraction: float, index: int = index) -> None:
+            if report is not None:
+                report(int((index + fraction) * steps), steps * len(explainers))
+
+        result = explainer.explain(image_tensor(image), method, target, progress, stop)
+        if result.cam.shape != (height, width):
+            result.cam = cv2.resize(result.cam, (width, height))
+        results.append(result)
+        progress(1.0)
+    return ExplainedImage(display, results, mask, list(inputs))
 
 
 def explain_image(explainers: list[tuple[CamExplainer, int]], image_uint8: np.ndarray, method: str = "gradcam",
                   target: str | int = "predicted", mask: np.ndarray | None = None) -> ExplainedImage:
-    """Every model's map of one image; each model sees the image at its own training size and its
-    map is resized back to the image's size."""
-    results = []
-    height, width = image_uint8.shape[:2]
-    for explainer, size in explainers:
-        result = explainer.explain(image_tensor(resize_image(image_uint8, size)), method, target)
-        if result.cam.shape != (height, width):
-            result.cam = cv2.resize(result.cam, (width, height))
-        results.append(result)
-    return ExplainedImage(image_uint8, results, mask)
+    """Every model's map of one image; each model sees the image resized to its own training size and
+    its map is resized back to the image's size. For a run's own test image use `explain_inputs` with
+    `run_model_input`: resizing a display-size copy does not give back the pixels the run evaluated."""
+    return explain_inputs([explainer for explainer, _ in explainers],
+                          [resize_image(image_uint8, size) for _, size in explainers], image_uint8, method, target,
+                          mask)
 
 
 def explanation_panels(explained: ExplainedImage, opacity: float = 0.5, colour_map: str = "jet",
@@ -285,7 +466,7 @@ def explanation_panels(explained: ExplainedImage, opacity: float = 0.5, colour_m
     """(title, subtitle, [heatmap overlay, contour overlay]) per model."""
     from core.figures import outline_mask
 
-    scale = max((float(r.cam.max()) for r in explained.results), default=0.0) if shared_scale else None
+    scale = shared_scale_maximum(explained.results) if shared_scale else None
     base = explained.image
     if show_mask and explained.mask is not None:
         base = outline_mask(base, explained.mask)
@@ -307,7 +488,8 @@ def batch_measures(explainers: list[tuple[CamExplainer, int]], names: list[str],
                    masks: np.ndarray, method: str = "gradcam", report=None, stop=None) -> dict:
     """Localisation averaged over many images, per model: mean CAM energy inside the lesion, the
     pointing-game hit rate, and the lesion's mean area (what a map blind to the lesion would score).
-    Maps explain the malignant class. `report(done, total)` is called after each image."""
+    Maps explain the malignant class; all-zero maps have no peak and no energy, so they are left out
+    of both measures and counted. `report(done, total)` is called after each image."""
     energies = {name: [] for name in names}
     hits = {name: [] for name in names}
     zero = {name: 0 for name in names}
@@ -329,5 +511,14 @@ def batch_measures(explainers: list[tuple[CamExplainer, int]], names: list[str],
         "rows": [{"Model": name,
                   "CAM energy inside the lesion": float(np.mean(energies[name])) if energies[name] else math.nan,
                   "Pointing-game hit rate": float(np.mean(hits[name])) if hits[name] else math.nan,
+                  "Pointing game": pointing_game_text(hits[name], zero[name]),
                   "All-zero maps": zero[name]} for name in names],
     }
+
+
+def pointing_game_text(hits: list[bool], all_zero: int) -> str:
+    """'33/39 (11 all-zero maps left out)': hits over the maps that have a peak, and how many had none."""
+    text = f"{sum(hits)}/{len(hits)}"
+    if all_zero:
+        text += f" ({all_zero} all-zero map{'s' if all_zero != 1 else ''} left out)"
+    return text

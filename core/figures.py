@@ -359,5 +359,6 @@ def colour_bar_figure(colours: list[str], maximum: float | None, title: str) -> 
     top_label = f"{maximum:.3g}" if maximum is not None else "max"
     figure.update_xaxes(tickmode="array", tickvals=[0, top], ticktext=["0", top_label], showgrid=False)
     figure.update_yaxes(visible=False)
-    figure.update_layout(height=90, margin=dict(l=10, r=10, t=28, b=4), title=dict(text=title, font=dict(size=13)))
+    # Room below for the tick labels and at the sides for the half of them that overhangs the bar's ends.
+    figure.update_layout(height=100, margin=dict(l=28, r=28, t=28, b=28), title=dict(text=title, font=dict(size=13)))
     return figure

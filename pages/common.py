@@ -21,6 +21,7 @@ PENDING_DELETE = "train.pending_delete"  # run id awaiting the user's confirmati
 SEEN_FINISHED = "train.seen_finished"  # (finished jobs, current run) the run table was last drawn for
 # Set by Compare's per-image explorer: {"run_ids": [...], "image_ids": [...]} for the Explain page to open.
 EXPLAIN_REQUEST = "explain.request"
+FROM_COMPARE = "explain.from_compare"  # Compare's last request, kept after it is consumed so reruns keep it
 VALUE_PREFIX, WIDGET_PREFIX = "value.", "widget."
 
 SPLIT_RATIOS = ["80:20", "70:30", "60:40"]  # the paper's train:test ratios

@@ -64,6 +64,8 @@ def test_the_callers_model_is_unchanged():
 
 
 def test_two_sessions_on_one_model_get_their_own_maps():
+    # A fixed initialisation: some random ones give all-zero maps for both images, and nothing to tell apart.
+    torch.manual_seed(0)
     model, _ = build_model("resnet18", pretrained=False)
     explainer = CamExplainer(model, "resnet18")
     images = [torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(seed)) for seed in (1, 2)]
@@ -187,7 +189,8 @@ def test_explain_page_shows_the_row_and_measures(trained, monkeypatch):
     store, run, data = trained
     app = explain_page(store, monkeypatch)
     assert app.get("download_button"), "the figure can be downloaded"
-    assert len(app.get("plotly_chart")) == 2, "agreement matrices"
+    assert len(app.get("plotly_chart")) == 3, "the colour bar and the agreement matrices"
+    assert app.toggle(key="widget.cam_show_mask").value, "the lesion outline is on by default where masks exist"
     assert "Localisation" in [header.value for header in app.subheader]
     app.selectbox(key="explain.browse").set_value("Wrong").run()
     assert not app.exception
@@ -224,6 +227,30 @@ def test_grayscale_and_rgba_uploads_decode(tmp_path):
         assert decode_image(io.BytesIO(buffer.getvalue()), 224).shape == (224, 224, 3)
 
 
+def test_explain_page_opens_what_compare_sent(trained, monkeypatch):
+    from pages.common import EXPLAIN_REQUEST
+
+    store, run, _ = trained
+    test_ids = store.predictions(run["run_id"]).query("split == 'test'")["image_id"].tolist()
+    sent = [test_ids[4], test_ids[1], "not-a-test-image"]
+    monkeypatch.setenv("SKIN_RUNS_DIR", str(store.root))
+    app = AppTest.from_file(APP, default_timeout=120)
+    app.run()
+    app.session_state[EXPLAIN_REQUEST] = {"run_ids": [run["run_id"]], "image_ids": sent}
+    app.switch_page("pages/explain.py").run()
+    assert not app.exception, app.exception
+    assert EXPLAIN_REQUEST not in app.session_state, "the request is consumed once"
+    for _ in range(2):  # and kept across reruns
+        assert app.multiselect(key="explain.runs").value == [run["run_id"]]
+        assert app.selectbox(key="explain.browse").value == "From Compare"
+        assert [option.split(" · ")[0] for option in app.selectbox(key="explain.image_id").options] == sent[:2]
+        app.run()
+        assert not app.exception, app.exception
+    app.selectbox(key="explain.browse").set_value("Wrong").run()
+    app.run()
+    assert app.selectbox(key="explain.browse").value == "Wrong", "another choice stays chosen"
+
+
 def test_explain_page_without_runs(tmp_path, monkeypatch):
     monkeypatch.setenv("SKIN_RUNS_DIR", str(tmp_path / "none"))
     app = AppTest.from_file(APP, default_timeout=60).run()
@@ -243,6 +270,75 @@ def test_batch_measures_average_over_images(trained):
     assert summary["images"] == 6 and progress[-1] == (6, 6)
     assert 0 < summary["rows"][0]["CAM energy inside the lesion"] < 1
     assert 0 <= summary["rows"][0]["Pointing-game hit rate"] <= 1
+    row = summary["rows"][0]
+    scored = 6 - row["All-zero maps"]
+    assert row["Pointing game"].startswith(f"{round(row['Pointing-game hit rate'] * scored)}/{scored}")
+
+
+def test_pointing_game_text_says_how_many_all_zero_maps_were_left_out():
+    from core.cams import pointing_game_text
+
+    assert pointing_game_text([True] * 33 + [False] * 6, 11) == "33/39 (11 all-zero maps left out)"
+    assert pointing_game_text([True, False], 1) == "1/2 (1 all-zero map left out)"
+    assert pointing_game_text([True, False], 0) == "1/2"
+
+
+def test_the_lesion_area_line_is_named_in_the_legend_not_over_a_bar():
+    from core.figures import localisation_bars_figure
+
+    rows = [{"Model": name, "CAM energy inside the lesion": 0.4, "Pointing-game hit rate": 0.9}
+            for name in ("ResNet18", "EfficientNetB0")]
+    figure = localisation_bars_figure(rows, 0.3)
+    assert not figure.layout.annotations
+    assert any(trace.name.startswith("lesion area 30%") for trace in figure.data)
+
+
+def test_the_colour_bar_follows_the_colour_map_and_the_scale():
+    from core.cams import colour_map_colours, overlay
+    from core.figures import colour_bar_figure
+
+    colours = colour_map_colours("jet", count=64)
+    codes = np.linspace(0, 255, 64).round()
+    ramp = ((codes + 0.5) / 255).astype(np.float32)[None]  # what overlay turns back into these codes
+    painted = overlay(np.zeros((1, 64, 3), dtype=np.uint8), ramp, opacity=1.0, colour_map="jet")[0]
+    assert colours == [f"rgb({r},{g},{b})" for r, g, b in painted.tolist()], "the bar has the overlay's colours"
+    assert list(colour_bar_figure(colours, 0.42, "shared").layout.xaxis.ticktext) == ["0", "0.42"]
+    assert list(colour_bar_figure(colours, None, "own").layout.xaxis.ticktext) == ["0", "max"]
+
+
+def test_a_slow_method_reports_progress_within_each_model():
+    from core.cams import explain_inputs
+
+    model, _ = build_model("resnet18", pretrained=False)
+    image = np.random.default_rng(0).integers(0, 255, (32, 32, 3), dtype=np.uint8)
+    reports = []
+    explain_inputs([CamExplainer(model, "resnet18")], [image], image, "scorecam",
+                   report=lambda done, total: reports.append((done, total)))
+    assert len({done for done, _ in reports if done < 100}) > 10, "progress moves during the model's passes"
+    assert [done for done, _ in reports] == sorted(done for done, _ in reports)
+    assert reports[-1] == (100, 100)
+
+
+def test_a_cancelled_ablation_cam_leaves_the_shared_model_whole():
+    from core.cams import CamCancelled
+
+    model, _ = build_model("resnet18", pretrained=False)
+    explainer = CamExplainer(model, "resnet18")
+    image = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    before = explainer.explain(image, "gradcam", target=1).cam
+    stop = threading.Event()
+
+    def progress(fraction):
+        if fraction > 0.2:
+            stop.set()
+
+    with pytest.raises(CamCancelled):
+        explainer.explain(image, "ablationcam", target=1, progress=progress, stop=stop)
+    from pytorch_grad_cam.ablation_layer import AblationLayer
+
+    assert explainer.model.layer4[-1] is explainer.target_layer, "the target layer is back in its place"
+    assert not any(isinstance(module, AblationLayer) for module in explainer.model.modules())
+    assert np.allclose(explainer.explain(image, "gradcam", target=1).cam, before)
 
 
 def wait_until(app: AppTest, condition, timeout: float = 120) -> None:

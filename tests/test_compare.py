@@ -231,7 +231,7 @@ def test_compare_page_with_runs_and_threshold_modes(trained, monkeypatch):
 
 
 def test_compare_page_states_its_runs_and_sends_disagreements_to_explain(trained, monkeypatch):
-    from pages.common import EXPLAIN_REQUEST
+    from pages.common import EXPLAIN_REQUEST, FROM_COMPARE
 
     monkeypatch.setenv("SKIN_RUNS_DIR", str(trained.root))
     app = AppTest.from_file(APP, default_timeout=60).run()
@@ -247,7 +247,8 @@ def test_compare_page_states_its_runs_and_sends_disagreements_to_explain(trained
     shown = app.dataframe[-1].value  # the explorer's table, last on the page
     assert set(shown["true class"]) == {"malignant"}
     app.button(key="compare.explain_picked").click().run()
-    request = app.session_state[EXPLAIN_REQUEST]
+    assert EXPLAIN_REQUEST not in app.session_state, "Explain consumes the request once"
+    request = app.session_state[FROM_COMPARE]
     runs = default_comparison_runs(trained.list_runs())
     assert request["run_ids"] == [run["run_id"] for run in runs]
     assert request["image_ids"] == shown["image_id"].head(20).tolist()
