@@ -452,7 +452,8 @@ def show_batch_view(data: PreparedData, runs: list[dict], explainers: list[CamEx
                     key="explain.batch_figure")
     st.caption("Pointing-game hits over the maps with a peak (an all-zero map has none): " + "; ".join(
         f"{row['Model']}: {row['Pointing game']}" for row in summary["rows"]) + ".")
-    st.dataframe(pd.DataFrame(summary["rows"]), hide_index=True, width="stretch", key="explain.batch_table")
+    st.dataframe(pd.DataFrame(summary["rows"]), hide_index=True, width="stretch", key="explain.batch_table",
+                 placeholder="—")
 
 
 def main() -> None:
