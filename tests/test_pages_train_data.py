@@ -19,6 +19,7 @@ from core.precision import contention_warning, live_contention_warning, timed_im
 from core.runs import RunStore
 from pages.common import DATA_SPEC, VALUE_PREFIX
 from tests.conftest import TINY_SYNTHETIC, write_image
+from tests.test_pages import open_page
 
 APP = str(Path(__file__).resolve().parents[1] / "streamlit_app.py")
 TINY_VALUES = {"epochs": 1, "batch_size": 8, "image_size": 32, "split": "70:30", "val_fraction": 0.25,
@@ -44,13 +45,6 @@ def app(tmp_path, monkeypatch, offline):
     for name, value in TINY_VALUES.items():
         test.session_state[VALUE_PREFIX + name] = value
     return test
-
-
-def open_page(app: AppTest, page: str) -> AppTest:
-    app.run()
-    app.switch_page(f"pages/{page}.py").run()
-    assert not app.exception, app.exception
-    return app
 
 
 def run_table(app: AppTest):
