@@ -228,6 +228,24 @@ class CamExplainer:
             target_class = int(logits[0].argmax()) if target == "predicted" else int(target)
             return CamResult(self.model_name, maps[0].astype(np.float32), probability, target_class, method)
 
+    def explain_batch(self, images: torch.Tensor, method: str, targets: list[int]) -> np.ndarray:
+        """The maps of a batch of normalised images (N x 3 x H x W), each for its own target class, in one
+        forward and backward pass: N x H x W float32 in the model's own units (the audit's many maps)."""
+        with self._lock:
+            cam = self._cam_object(method)
+            return cam(input_tensor=images, targets=[ClassifierOutputTarget(int(t)) for t in targets]).astype(
+                np.float32)
+
+    def probabilities(self, images: torch.Tensor) -> np.ndarray:
+        """P(malignant) of a batch in the run's recorded precision, as training's evaluation computes it."""
+        with self._lock, torch.no_grad():
+            if self.precision == "bf16":
+                with torch.autocast("cpu", dtype=torch.bfloat16):
+                    logits = self.model(images.contiguous(memory_format=torch.channels_last))
+            else:
+                logits = self.model(images)
+            return torch.softmax(logits.float(), 1)[:, 1].numpy().astype(np.float64)
+
     def _recorded_precision_probability(self, image: torch.Tensor) -> float | None:
         """P(malignant) as training's `evaluate` computes it under a bf16 plan (None for fp32, whose CAM
         forward pass already is that computation)."""

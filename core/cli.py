@@ -1,4 +1,4 @@
-"""python -m core {train,resume,tune,ablate,list,compare,explain}: the engine headless, for GPU servers
+"""python -m core {train,resume,tune,ablate,list,compare,explain,audit}: the engine headless, for GPU servers
 and scripts. SIGTERM (a batch scheduler's time limit, `kill`) stops the current run cleanly after its
 batch; it is stored as stopped and `python -m core resume RUN_ID` continues it."""
 
@@ -198,6 +198,29 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("--shared-scale", action="store_true", help="one colour scale for all maps")
     explain.add_argument("--out", default=".", help="folder for the PNG and a JSON summary")
     explain.add_argument("--runs-dir", default=str(default_runs_dir()))
+
+    audit = commands.add_parser(
+        "audit", help="can the maps be trusted? randomisation, artefact, localisation and faithfulness checks",
+        description="The explanation audit of stored runs: the randomisation sanity check (Adebayo et al. 2018), "
+                    "artefacts pasted beside benign lesions (ink, ruler, dark corners, gel bubble, hair), "
+                    "localisation against lesion masks and deletion/insertion (Petsiuk et al. 2018). Results are "
+                    "stored beside each run and reused; DIR gets audit.json, one CSV per check and PNG figures.")
+    audit.add_argument("runs", nargs="*", metavar="RUN_ID", help="default: the newest completed run of each model")
+    audit.add_argument("--images", type=int, default=50, help="test images per run (drawn with --seed)")
+    audit.add_argument("--methods", default="gradcam",
+                       help="comma-separated: gradcam, gradcam++, hirescam, xgradcam, layercam, eigencam, scorecam, "
+                            "ablationcam, and edges (a control that ignores the model and must fail)")
+    audit.add_argument("--checks", default="randomisation,artefacts,localisation,faithfulness",
+                       help="comma-separated subset of randomisation,artefacts,localisation,faithfulness")
+    audit.add_argument("--steps", type=int, default=4, help="randomisation steps from the head to the whole network")
+    audit.add_argument("--baseline", default="blur", choices=["blur", "mean", "zero"],
+                       help="what deletion and insertion replace pixels with")
+    audit.add_argument("--masks-dir", default=None,
+                       help="lesion masks <image_id>_segmentation.png, <image_id>_mask.png or <image_id>_<suffix>.png "
+                            "(default: the dataset's own masks, if any)")
+    audit.add_argument("--seed", type=int, default=0, help="seed of the image draw, artefacts and intervals")
+    audit.add_argument("--out", required=True, metavar="DIR", help="folder for audit.json, CSVs and figures")
+    audit.add_argument("--runs-dir", default=str(default_runs_dir()))
     return parser
 
 
@@ -421,10 +444,43 @@ def command_explain(args: argparse.Namespace) -> int:
     return 0
 
 
+def command_audit(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from core.audit.outputs import write_audit_outputs
+    from core.audit.runner import AuditSettings, check_runs, run_audit
+
+    settings = AuditSettings(methods=tuple(_comma_list(args.methods)), checks=tuple(_comma_list(args.checks)),
+                             images=args.images, seed=args.seed, steps=args.steps, baseline=args.baseline,
+                             masks_dir=args.masks_dir)
+    store = RunStore(args.runs_dir)
+    runs = check_runs(store, args.runs) if args.runs else default_comparison_runs(store.list_runs())
+    if not runs:
+        raise ValueError(f"no completed runs in {args.runs_dir}; train some with `python -m core train`")
+    with tqdm(total=1, desc="audit", unit="step", file=sys.stderr) as bar:
+        def report(done: int, total: int) -> None:
+            bar.total = total
+            bar.update(done - bar.n)
+
+        audit = run_audit(store, runs, settings, report, STOP)
+    for note in audit.notes:
+        print(f"note: {note}", file=sys.stderr)
+    paths = write_audit_outputs(audit, args.out)
+    print(f"{audit.computed} results computed, {audit.reused} reused from the run store, in {audit.seconds:.0f} s",
+          file=sys.stderr)
+    print(paths[0])
+    return 0
+
+
+def _comma_list(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     commands = {"train": command_train, "resume": command_resume, "tune": command_tune, "ablate": command_ablate,
-                "list": command_list, "compare": command_compare, "explain": command_explain}
+                "list": command_list, "compare": command_compare, "explain": command_explain,
+                "audit": command_audit}
     STOP.clear()
     in_main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, lambda signum, frame: STOP.set()) if in_main_thread else None
@@ -433,6 +489,9 @@ def main(argv: list[str] | None = None) -> int:
     except (DatasetError, RunStoreError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except InterruptedError:
+        print("audit stopped; the results finished so far are stored with their runs", file=sys.stderr)
+        return 130
     except KeyboardInterrupt:
         print("interrupted; the current run is stored as stopped (python -m core resume RUN_ID continues it)",
               file=sys.stderr)

@@ -362,3 +362,191 @@ def colour_bar_figure(colours: list[str], maximum: float | None, title: str) -> 
     # Room below for the tick labels and at the sides for the half of them that overhangs the bar's ends.
     figure.update_layout(height=100, margin=dict(l=28, r=28, t=28, b=28), title=dict(text=title, font=dict(size=13)))
     return figure
+
+
+# The explanation audit. Tables come from core.audit.outputs; the plotly figures are the page's and the
+# HTML report's, the matplotlib ones (`*_png`) the CLI's files, drawn from the same tables.
+AUDIT_METHOD_DASHES = ("solid", "dash", "dot", "dashdot", "longdash", "longdashdot")
+
+
+@templated
+def randomisation_figure(table, fail_threshold: float = 0.5) -> go.Figure:
+    """Similarity of the maps to the trained model's against randomisation depth: one panel per model,
+    one line per method (Spearman, with its interval), and the level above which a method fails."""
+    models = list(dict.fromkeys(table["Model"]))
+    figure = make_subplots(rows=1, cols=len(models), subplot_titles=models, shared_yaxes=True,
+                           horizontal_spacing=0.03)
+    methods = list(dict.fromkeys(table["Method"]))
+    for column, model in enumerate(models, start=1):
+        for index, method in enumerate(methods):
+            rows = table[(table["Model"] == model) & (table["Method"] == method)].sort_values("step")
+            if rows.empty:
+                continue
+            figure.add_trace(go.Scatter(
+                x=rows["step"], y=rows["spearman"], mode="lines+markers", name=method, legendgroup=method,
+                showlegend=column == 1, line=dict(color=AUDIT_COLOURS[index % len(AUDIT_COLOURS)]),
+                error_y=dict(type="data", symmetric=False, array=rows["spearman_high"] - rows["spearman"],
+                             arrayminus=rows["spearman"] - rows["spearman_low"]),
+                customdata=np.stack([rows["randomised"], rows["ssim"]], axis=1),
+                hovertemplate="randomised: %{customdata[0]}<br>Spearman %{y:.2f}, SSIM %{customdata[1]:.2f}"
+                              "<extra>" + method + "</extra>"), row=1, col=column)
+        figure.add_hline(y=fail_threshold, line=dict(color="#b5483b", dash="dot"), row=1, col=column)
+        figure.update_xaxes(tickmode="array", tickvals=list(range(int(table["step"].max()) + 1)), row=1, col=column)
+    figure.update_yaxes(range=[-0.2, 1.05], title_text="Spearman with the trained model's maps", row=1, col=1)
+    figure.update_xaxes(title_text="randomisation step (0 = trained)")
+    figure.update_layout(height=340, margin=dict(l=10, r=10, t=60, b=10), legend=dict(orientation="h", y=-0.25),
+                         title=f"Randomisation sanity check (a method above {fail_threshold} after the whole "
+                               "network is randomised fails)")
+    return figure
+
+
+AUDIT_COLOURS = ("#3b6ea5", "#b5483b", "#4c9a8a", "#a57a3b", "#6a4ca5", "#777777", "#c06090", "#2e7a3b", "#000000")
+
+
+def _interval_text(value, low, high, digits: int = 2, signed: bool = False) -> str:
+    if value is None or not np.isfinite(value):
+        return "--"
+    sign = "+" if signed else ""
+    return f"{value:{sign}.{digits}f}<br>[{low:{sign}.{digits}f}, {high:{sign}.{digits}f}]"
+
+
+@templated
+def artefact_heatmap_figure(table) -> go.Figure:
+    """Models x artefacts: the mean change in P(malignant) of benign images when the artefact is pasted
+    beside the lesion, with its 95% interval (red: the artefact pushes towards malignant)."""
+    models = list(dict.fromkeys(table["Model"]))
+    kinds = list(dict.fromkeys(table["Artefact"]))
+    cell = {(row.Model, row.Artefact): row for row in table.itertuples()}
+    values = np.array([[cell[(m, k)].mean_change if (m, k) in cell else np.nan for k in kinds] for m in models])
+    text = [[_interval_text(cell[(m, k)].mean_change, cell[(m, k)].low, cell[(m, k)].high, signed=True)
+             if (m, k) in cell else "" for k in kinds] for m in models]
+    top = max(0.05, float(np.nanmax(np.abs(values))) if np.isfinite(values).any() else 0.05)
+    figure = go.Figure(go.Heatmap(z=values, x=kinds, y=models, text=text, texttemplate="%{text}",
+                                  colorscale="RdBu_r", zmin=-top, zmax=top, colorbar=dict(title="ΔP")))
+    figure.update_xaxes(type="category", tickmode="array", tickvals=kinds, ticktext=kinds)
+    figure.update_yaxes(type="category", tickmode="array", tickvals=models, ticktext=models, autorange="reversed")
+    figure.update_layout(height=120 + 60 * len(models), margin=dict(l=10, r=10, t=50, b=10),
+                         title="Change in P(malignant) of benign images with the artefact [95% CI]")
+    return figure
+
+
+def _interval_bars(table, measure: str) -> dict:
+    """Plotly error bars from a table's `<measure>_low` and `<measure>_high` columns."""
+    return dict(type="data", symmetric=False, array=table[f"{measure}_high"] - table[measure],
+                arrayminus=table[measure] - table[f"{measure}_low"])
+
+
+@templated
+def faithfulness_figure(table) -> go.Figure:
+    """Deletion (lower is better) and insertion (higher is better) areas per model and method, with intervals."""
+    labels = [f"{row.Model} · {row.Method}" for row in table.itertuples()]
+    figure = go.Figure()
+    for name, colour in (("deletion", "#b5483b"), ("insertion", "#3b6ea5")):
+        figure.add_trace(go.Bar(name=f"{name} AUC", x=labels, y=table[name], marker_color=colour,
+                                error_y=_interval_bars(table, name)))
+    figure.update_layout(barmode="group", yaxis_range=[0, 1.05], height=360, margin=dict(l=10, r=10, t=50, b=10),
+                         title="Faithfulness: deletion (lower is better) and insertion (higher is better)",
+                         legend=dict(orientation="h", y=-0.2))
+    return figure
+
+
+@templated
+def audit_localisation_figure(table) -> go.Figure:
+    """Energy inside the lesion, pointing game, relevance rank and top-k IoU per model and method, with
+    intervals, and the lesion's own area share (what a map blind to the lesion scores on energy)."""
+    labels = [f"{row.Model} · {row.Method}" for row in table.itertuples()]
+    figure = go.Figure()
+    for index, (measure, title) in enumerate(LOCALISATION_TITLES.items()):
+        figure.add_trace(go.Bar(name=title, x=labels, y=table[measure], marker_color=AUDIT_COLOURS[index],
+                                error_y=_interval_bars(table, measure)))
+    line = dict(color="#777", dash="dot")
+    area = float(table["lesion_area"].mean())
+    figure.add_hline(y=area, line=line)
+    figure.add_trace(go.Scatter(x=[None], y=[None], mode="lines", line=line,
+                                name=f"lesion area {area:.0%} (a map blind to the lesion)"))
+    figure.update_layout(barmode="group", yaxis_range=[0, 1.05], height=380, margin=dict(l=10, r=10, t=50, b=10),
+                         title="Localisation against the lesion masks (malignant-class maps)",
+                         legend=dict(orientation="h", y=-0.2))
+    return figure
+
+
+LOCALISATION_TITLES = {"energy_inside": "energy inside the lesion", "pointing_game": "pointing game",
+                       "relevance_rank": "relevance rank accuracy", "top_iou": "top-k% IoU with the mask"}
+
+
+def _matplotlib():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display on servers
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def randomisation_png(table, path, fail_threshold: float = 0.5) -> None:
+    plt = _matplotlib()
+    models = list(dict.fromkeys(table["Model"]))
+    figure, axes = plt.subplots(1, len(models), figsize=(3.2 * len(models), 3.2), sharey=True, squeeze=False)
+    for axis, model in zip(axes[0], models):
+        for index, method in enumerate(dict.fromkeys(table["Method"])):
+            rows = table[(table["Model"] == model) & (table["Method"] == method)].sort_values("step")
+            axis.errorbar(rows["step"], rows["spearman"], yerr=[rows["spearman"] - rows["spearman_low"],
+                                                                rows["spearman_high"] - rows["spearman"]],
+                          marker="o", capsize=3, label=method, color=AUDIT_COLOURS[index % len(AUDIT_COLOURS)])
+        axis.axhline(fail_threshold, color="#b5483b", linestyle=":")
+        axis.set_title(model)
+        axis.set_xlabel("randomisation step")
+        axis.set_ylim(-0.2, 1.05)
+    axes[0][0].set_ylabel("Spearman with trained maps")
+    axes[0][0].legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def artefact_heatmap_png(table, path) -> None:
+    plt = _matplotlib()
+    models = list(dict.fromkeys(table["Model"]))
+    kinds = list(dict.fromkeys(table["Artefact"]))
+    cell = {(row.Model, row.Artefact): row for row in table.itertuples()}
+    values = np.array([[cell[(m, k)].mean_change if (m, k) in cell else np.nan for k in kinds] for m in models])
+    top = max(0.05, float(np.nanmax(np.abs(values))) if np.isfinite(values).any() else 0.05)
+    figure, axis = plt.subplots(figsize=(1.6 * len(kinds) + 2.5, 0.7 * len(models) + 1.5))
+    image = axis.imshow(values, cmap="RdBu_r", vmin=-top, vmax=top, aspect="auto")
+    for i, model in enumerate(models):
+        for j, kind in enumerate(kinds):
+            if (model, kind) in cell:
+                row = cell[(model, kind)]
+                axis.text(j, i, f"{row.mean_change:+.2f}\n[{row.low:+.2f}, {row.high:+.2f}]", ha="center",
+                          va="center", fontsize=8)
+    axis.set_xticks(range(len(kinds)), kinds)
+    axis.set_yticks(range(len(models)), models)
+    axis.set_title("Change in P(malignant) of benign images [95% CI]")
+    figure.colorbar(image, ax=axis, label="ΔP")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def grouped_bars_png(table, measures: dict[str, str], path, title: str, reference: float | None = None) -> None:
+    """Bars per model and method for each measure, with interval whiskers (`<measure>_low/_high` columns)."""
+    plt = _matplotlib()
+    labels = [f"{row.Model}\n{row.Method}" for row in table.itertuples()]
+    width = 0.8 / len(measures)
+    figure, axis = plt.subplots(figsize=(max(5.0, 1.3 * len(labels) + 2), 3.6))
+    for index, (measure, name) in enumerate(measures.items()):
+        positions = np.arange(len(labels)) + (index - (len(measures) - 1) / 2) * width
+        values = table[measure].to_numpy(dtype=float)
+        errors = [values - table[f"{measure}_low"].to_numpy(dtype=float),
+                  table[f"{measure}_high"].to_numpy(dtype=float) - values]
+        axis.bar(positions, values, width, yerr=errors, capsize=2, label=name,
+                 color=AUDIT_COLOURS[index % len(AUDIT_COLOURS)])
+    if reference is not None and np.isfinite(reference):
+        axis.axhline(reference, color="#777", linestyle=":", label=f"lesion area {reference:.0%}")
+    axis.set_xticks(range(len(labels)), labels, fontsize=8)
+    axis.set_ylim(0, 1.05)
+    axis.set_title(title)
+    axis.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)

@@ -60,8 +60,9 @@ def decode_mask(path: str | Path, size: int) -> np.ndarray:
     """A lesion mask file as a size x size uint8 array of 0/1."""
     try:
         with Image.open(path) as image:
-            mask = image.convert("L").resize((size, size), Image.Resampling.NEAREST)
-            return (np.asarray(mask) > 127).astype(np.uint8)
+            mask = np.asarray(image.convert("L").resize((size, size), Image.Resampling.NEAREST))
+            # Masks are stored as 0/255 (ISIC) or as 0/1 label images; either way non-background is lesion.
+            return (mask > (127 if mask.max() > 1 else 0)).astype(np.uint8)
     except (OSError, ValueError, SyntaxError) as error:
         raise ImageError(f"unreadable mask ({error})") from None
 

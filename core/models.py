@@ -28,6 +28,9 @@ class ModelSpec:
     target_layer: Callable[[nn.Module], nn.Module]  # the layer Grad-CAM hooks
     imagenet_weights: tv.WeightsEnum
     load_imagenet: Callable[[nn.Module, dict], None]  # puts an ImageNet state_dict into the model
+    # The model's parameterised parts from the output down (head, last stage, ..., stem), each named:
+    # the order in which the audit's cascading randomisation re-initialises them.
+    parameter_stages: Callable[[nn.Module], list[tuple[str, list[nn.Module]]]]
 
 
 MODEL_REGISTRY: dict[str, ModelSpec] = {}
@@ -115,25 +118,51 @@ def _densenet_key(key: str) -> str:
     return key
 
 
+def _resnet_stages(model: nn.Module) -> list[tuple[str, list[nn.Module]]]:
+    return [("head (fc)", [model.fc]), ("layer4", [model.layer4]), ("layer3", [model.layer3]),
+            ("layer2", [model.layer2]), ("layer1 and stem", [model.layer1, model.conv1, model.bn1])]
+
+
+def _hybrid_stages(model: nn.Module) -> list[tuple[str, list[nn.Module]]]:
+    backbone = model.backbone
+    return [("head (MLP)", [model.head]), ("layer4", [backbone.layer4]), ("layer3", [backbone.layer3]),
+            ("layer2", [backbone.layer2]), ("layer1 and stem", [backbone.layer1, backbone.conv1, backbone.bn1])]
+
+
+def _densenet_stages(model: nn.Module) -> list[tuple[str, list[nn.Module]]]:
+    features = model.features
+    return [("head (classifier)", [model.classifier]), ("denseblock4", [features.denseblock4, features.norm5]),
+            ("denseblock3", [features.denseblock3, features.transition3]),
+            ("denseblock2", [features.denseblock2, features.transition2]),
+            ("denseblock1 and stem", [features.denseblock1, features.transition1, features.conv0, features.norm0])]
+
+
+def _efficientnet_stages(model: nn.Module) -> list[tuple[str, list[nn.Module]]]:
+    features = model.features
+    return [("head (classifier)", [model.classifier]), ("stages 7-8", [features[8], features[7]]),
+            ("stages 5-6", [features[6], features[5]]), ("stages 3-4", [features[4], features[3]]),
+            ("stages 1-2 and stem", [features[2], features[1], features[0]])]
+
+
 register_model(ModelSpec(
     "resnet18", "ResNet18", _build_resnet(tv.resnet18), lambda m: m.layer4[-1],
-    tv.ResNet18_Weights.IMAGENET1K_V1, _load_without(("fc.",)),
+    tv.ResNet18_Weights.IMAGENET1K_V1, _load_without(("fc.",)), _resnet_stages,
 ))
 register_model(ModelSpec(
     "resnet50", "ResNet50", _build_resnet(tv.resnet50), lambda m: m.layer4[-1],
-    tv.ResNet50_Weights.IMAGENET1K_V2, _load_without(("fc.",)),
+    tv.ResNet50_Weights.IMAGENET1K_V2, _load_without(("fc.",)), _resnet_stages,
 ))
 register_model(ModelSpec(
     "densenet121", "DenseNet121", lambda dropout: DenseNet121(), lambda m: m.final_relu,
-    tv.DenseNet121_Weights.IMAGENET1K_V1, _load_without(("classifier.",), _densenet_key),
+    tv.DenseNet121_Weights.IMAGENET1K_V1, _load_without(("classifier.",), _densenet_key), _densenet_stages,
 ))
 register_model(ModelSpec(
     "efficientnet_b0", "EfficientNetB0", _build_efficientnet_b0, lambda m: m.features[-1],
-    tv.EfficientNet_B0_Weights.IMAGENET1K_V1, _load_without(("classifier.",)),
+    tv.EfficientNet_B0_Weights.IMAGENET1K_V1, _load_without(("classifier.",)), _efficientnet_stages,
 ))
 register_model(ModelSpec(
     "hybrid_sresnet", "Hybrid S-ResNet", HybridSResNet, lambda m: m.backbone.layer4[-1],
-    tv.ResNet18_Weights.IMAGENET1K_V1, _load_without(("fc.",), lambda key: f"backbone.{key}"),
+    tv.ResNet18_Weights.IMAGENET1K_V1, _load_without(("fc.",), lambda key: f"backbone.{key}"), _hybrid_stages,
 ))
 
 

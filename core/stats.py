@@ -104,6 +104,20 @@ def bootstrap_metrics(labels, probabilities, threshold: float = 0.5, resamples: 
     return intervals
 
 
+def mean_interval(values, resamples: int = DEFAULT_RESAMPLES, seed: int = DEFAULT_SEED,
+                  level: float = 0.95) -> Interval:
+    """The mean of per-image values with a percentile bootstrap interval over the images; NaN values (an
+    image with nothing to measure) are left out, and an empty set gives NaN throughout."""
+    values = np.asarray(values, dtype=np.float64)
+    values = values[np.isfinite(values)]
+    if len(values) == 0:
+        return Interval(math.nan, math.nan, math.nan)
+    means = values[bootstrap_indices(len(values), resamples, seed)].mean(1)
+    tail = (1 - level) / 2 * 100
+    low, high = np.percentile(means, [tail, 100 - tail])
+    return Interval(float(values.mean()), float(low), float(high))
+
+
 @dataclass(frozen=True)
 class PairedTest:
     statistic: float

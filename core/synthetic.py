@@ -76,7 +76,7 @@ def generate_synthetic(
     confounded = np.zeros(count, dtype=bool)
     confounded[plan.permutation(malignant)[: round(len(malignant) * confounder_fraction)]] = True
 
-    grid = _unit_grid(image_size)
+    grid = unit_grid(image_size)
     images = np.empty((count, image_size, image_size, 3), dtype=np.uint8)
     masks = np.empty((count, image_size, image_size), dtype=np.uint8)
     for index in range(count):
@@ -91,7 +91,7 @@ def load_or_generate_synthetic(cache_dir: Path | str | None, **options) -> Synth
     """The synthetic set from the on-disk cache, drawing and caching it on first use."""
     if cache_dir is None:
         return generate_synthetic(**options)
-    key = hashlib.sha1(json.dumps({"version": 3, **options}, sort_keys=True).encode()).hexdigest()[:16]
+    key = hashlib.sha1(json.dumps({"version": 4, **options}, sort_keys=True).encode()).hexdigest()[:16]
     path = Path(cache_dir) / f"synthetic-{key}.npz"
     if path.exists():
         try:
@@ -111,8 +111,8 @@ def load_or_generate_synthetic(cache_dir: Path | str | None, **options) -> Synth
     return dataset
 
 
-def _unit_grid(size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Pixel-centre coordinates in [-1, 1]: (y, x)."""
+def unit_grid(size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Pixel-centre coordinates in [-1, 1]: (y, x). Lesion centres and radii are in these units."""
     axis = (np.arange(size, dtype=np.float32) + 0.5) / size * 2 - 1
     return np.meshgrid(axis, axis, indexing="ij")
 
@@ -140,7 +140,9 @@ def draw_image(
     if confounder == "ink":
         image = _draw_ink(rng, image, grid, centre, radius)
     elif confounder == "ruler":
-        image = _draw_ruler(rng, image, size)
+        image, transposed = _draw_ruler(rng, image, size)
+        if transposed:  # the lesion moved with the image: its mask must move too
+            mask = np.ascontiguousarray(mask.T)
     image = _apply_vignette(rng, image, grid)
     image += rng.normal(0, 3.0, image.shape).astype(np.float32)
     picture = Image.fromarray(np.clip(image, 0, 255).astype(np.uint8))
@@ -232,6 +234,13 @@ def _draw_hair(rng: np.random.Generator, image: np.ndarray, size: int) -> np.nda
     strands = rng.integers(0, 5)
     if strands == 0:
         return image
+    cover, hair_colour = hair_strands(rng, size, strands)
+    return image * (1 - cover[..., None]) + hair_colour * cover[..., None]
+
+
+def hair_strands(rng: np.random.Generator, size: int, strands: int) -> tuple[np.ndarray, np.ndarray]:
+    """Opacity (size x size) and colour (3) of `strands` dark, thin quadratic Bezier hairs, 1 or 2 px thick.
+    Shared with core.audit.artefacts, so the draw order here is part of the synthetic set's identity."""
     cover = np.zeros((size, size), dtype=np.float32)
     t = np.linspace(0, 1, 3 * size)[:, None]
     for _ in range(strands):
@@ -244,11 +253,19 @@ def _draw_hair(rng: np.random.Generator, image: np.ndarray, size: int) -> np.nda
             inside = (rows + offset >= 0) & (rows + offset < size) & (cols >= 0) & (cols < size)
             cover[rows[inside] + offset, cols[inside]] = rng.uniform(0.6, 0.95)
     hair_colour = np.array([40, 28, 22], dtype=np.float32) + rng.normal(0, 5, 3)
-    return image * (1 - cover[..., None]) + hair_colour * cover[..., None]
+    return cover, hair_colour
 
 
 def _draw_ink(rng: np.random.Generator, image: np.ndarray, grid, centre, radius: float) -> np.ndarray:
     """A surgeon's ink mark: a thick arc or dot beside the lesion."""
+    stroke, ink = ink_stroke(rng, grid, centre, radius)
+    return image * (1 - stroke[..., None]) + ink * stroke[..., None]
+
+
+def ink_stroke(rng: np.random.Generator, grid, centre, radius: float) -> tuple[np.ndarray, np.ndarray]:
+    """Opacity (at most 0.85) and colour of a surgeon's ink mark: a thick short arc or dot just outside a
+    lesion of this centre and radius (unit-grid coordinates). Shared with core.audit.artefacts, so that
+    the pasted mark is the confounder itself; the draw order here is part of the synthetic set's identity."""
     y, x = grid
     angle = rng.uniform(0, 2 * np.pi)
     reach = min(radius + rng.uniform(0.15, 0.3), 0.8)
@@ -258,28 +275,60 @@ def _draw_ink(rng: np.random.Generator, image: np.ndarray, grid, centre, radius:
     across = (x - cx) * np.cos(angle) + (y - cy) * np.sin(angle)
     stroke = np.clip(1.5 - np.sqrt((along / length) ** 2 + (across / width) ** 2), 0, 1) * 0.85
     ink = INK_COLOURS[rng.integers(len(INK_COLOURS))]
-    return image * (1 - stroke[..., None]) + ink * stroke[..., None]
+    return stroke, ink
 
 
-def _draw_ruler(rng: np.random.Generator, image: np.ndarray, size: int) -> np.ndarray:
-    """A pale ruler strip with black ticks along one edge of the field."""
-    band = max(4, size // 10)
-    image = image.copy()
-    start = rng.integers(size // 8, size // 4)
-    image[start : start + band, :, :] = np.array([225, 225, 210], dtype=np.float32)
+def _draw_ruler(rng: np.random.Generator, image: np.ndarray, size: int) -> tuple[np.ndarray, bool]:
+    """A pale ruler strip with black ticks along one edge of the field; also whether the image was
+    transposed to put it along the left edge (the lesion with it, as it always was: stored runs depend on
+    these pixels)."""
+    cover, paint, transpose = ruler_strip(rng, size)
+    image = np.where(cover[..., None] > 0, paint, image)
+    if transpose:
+        image = np.ascontiguousarray(np.swapaxes(image, 0, 1))
+    return image, transpose
+
+
+def ruler_width(size: int) -> int:
+    """Width in pixels of the ruler strip on a size x size image."""
+    return max(4, size // 10)
+
+
+def ruler_strip(
+    rng: np.random.Generator, size: int, first_rows: tuple[int, int] | None = None
+) -> tuple[np.ndarray, np.ndarray, bool]:
+    """A pale ruler strip with black ticks (every fifth one long) across the image: cover (size x size, 0
+    or 1), paint (size x size x 3) and whether it belongs along the left edge instead of the top one (then
+    transpose both). The strip starts on a row drawn from `first_rows` (default: size/8 to size/4, the
+    confounder's place). Shared with core.audit.artefacts; the draw order is part of the synthetic set's identity."""
+    band = ruler_width(size)
+    cover = np.zeros((size, size), dtype=np.float32)
+    paint = np.zeros((size, size, 3), dtype=np.float32)
+    start = rng.integers(*(first_rows or (size // 8, size // 4)))
+    cover[start : start + band, :] = 1
+    paint[start : start + band, :, :] = np.array([225, 225, 210], dtype=np.float32)
     step = max(3, size // 25)
     for column in range(rng.integers(0, step), size, step):
         tick = band // 2 if (column // step) % 5 else band - 1
-        image[start : start + tick, column, :] = BLACK
-    if rng.random() < 0.5:
-        image = np.ascontiguousarray(np.swapaxes(image, 0, 1))
-    return image
+        paint[start : start + tick, column, :] = BLACK
+    return cover, paint, bool(rng.random() < 0.5)
 
 
 def _apply_vignette(rng: np.random.Generator, image: np.ndarray, grid) -> np.ndarray:
     """The dark round field edge of a dermatoscope, darkest in the corners."""
+    return image * vignette_light(rng, grid)
+
+
+def vignette_light(
+    rng: np.random.Generator,
+    grid,
+    starts: tuple[float, float] = (0.95, 1.15),
+    widths: tuple[float, float] = (0.12, 0.3),
+) -> np.ndarray:
+    """The light left by a dermatoscope's dark round field edge (size x size x 1, from 0.04 to 1): full inside
+    a circle whose radius is drawn from `starts` (unit-grid units), fading to dark over a width drawn from
+    `widths`, so darkest in the corners. Shared with core.audit.artefacts."""
     y, x = grid
     distance = np.sqrt(y**2 + x**2)
-    start, width = rng.uniform(0.95, 1.15), rng.uniform(0.12, 0.3)
-    light = np.clip(1 - (distance - start) / width, 0.04, 1)[..., None]
-    return image * light
+    start, width = rng.uniform(*starts), rng.uniform(*widths)
+    return np.clip(1 - (distance - start) / width, 0.04, 1)[..., None]

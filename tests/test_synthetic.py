@@ -48,3 +48,21 @@ def test_cache_round_trip(tmp_path):
     second = load_or_generate_synthetic(tmp_path, count=10, image_size=32, seed=5)
     assert np.array_equal(first.images, second.images)
     assert np.array_equal(first.confounded, second.confounded)
+
+
+def test_the_mask_follows_the_lesion_when_a_ruler_turns_the_image():
+    # A ruler along the left edge is drawn by transposing the image; the lesion mask must be transposed too.
+    # Each image's generator is seeded by its index, so the same set without the ruler has the same lesions
+    # in their untransposed place: the ruled image matches either that image or its transpose.
+    options = dict(count=30, image_size=64, seed=4, confounder_kind="ruler")
+    ruled, plain = generate_synthetic(confounder_fraction=1.0, **options), generate_synthetic(**options)
+    turned = 0
+    for image, mask, plain_image, plain_mask, confounded in zip(ruled.images, ruled.masks, plain.images, plain.masks,
+                                                                ruled.confounded):
+        if not confounded:
+            continue
+        grey, plain_grey = image.mean(2).ravel(), plain_image.mean(2)
+        transposed = np.corrcoef(grey, plain_grey.T.ravel())[0, 1] > np.corrcoef(grey, plain_grey.ravel())[0, 1]
+        assert np.array_equal(mask, plain_mask.T if transposed else plain_mask)
+        turned += transposed
+    assert turned >= 2
