@@ -246,6 +246,12 @@ class CamExplainer:
                 logits = self.model(images)
             return torch.softmax(logits.float(), 1)[:, 1].numpy().astype(np.float64)
 
+    def with_model(self, function):
+        """function(model) with this explainer's private fp32 model, while no other thread uses it (a
+        metric that runs the model itself, such as ROAD)."""
+        with self._lock:
+            return function(self.model)
+
     def _recorded_precision_probability(self, image: torch.Tensor) -> float | None:
         """P(malignant) as training's `evaluate` computes it under a bf16 plan (None for fp32, whose CAM
         forward pass already is that computation)."""

@@ -229,3 +229,11 @@ def test_localisation_without_masks_is_skipped_with_a_note(tiny_runs, tmp_path, 
     report = json.loads((tmp_path / "out" / "audit.json").read_text())
     assert report["localisation"][runs[0]["run_id"]]["gradcam"]["images"] == 0
     assert report["localisation"][runs[0]["run_id"]]["gradcam"]["energy_inside"] is None
+
+
+def test_road_joins_faithfulness_when_asked(tiny_runs):
+    store, runs = tiny_runs
+    audit = run_audit(store, runs[:1], AuditSettings(checks=("faithfulness",), images=4, road=True))
+    summary = audit.report["faithfulness"][runs[0]["run_id"]]["gradcam"]
+    assert {"road", "road_low", "road_high", "deletion", "insertion", "rank"} <= set(summary)
+    assert all(-1 <= row["road"] <= 1 for row in audit.records[0]["per_image"])

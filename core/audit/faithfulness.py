@@ -13,7 +13,7 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-from core.audit.maps import predict
+from core.audit.maps import images_tensor, predict, scaled_to_unit
 from core.cams import CamExplainer
 
 BASELINES = ("blur", "mean", "zero")
@@ -72,3 +72,27 @@ def deletion_insertion_curves(explainer: CamExplainer, images: np.ndarray, maps:
 def area_under(shares: np.ndarray, curves: np.ndarray) -> np.ndarray:
     """Per curve, the trapezoid area over the share of pixels (0 to 1)."""
     return np.trapezoid(curves, shares, axis=1)
+
+
+ROAD_PERCENTILES = (20, 40, 60, 80)
+
+
+def road_scores(explainer: CamExplainer, images: np.ndarray, maps: np.ndarray, targets: np.ndarray,
+                batch_size: int = 16) -> np.ndarray:
+    """ROAD (Rong et al., ICML 2022) combined score per image, as the Explain page computes it for one
+    image: the confidence change when the least relevant pixels are removed minus when the most relevant
+    are, averaged over 20-80% removed; higher is more faithful. Removal imputes pixels from their
+    neighbours, so it leaks less shape than a fixed baseline; it is slower (a linear solve per image)."""
+    from pytorch_grad_cam.metrics.road import ROADCombined
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputSoftmaxTarget
+
+    metric = ROADCombined(percentiles=list(ROAD_PERCENTILES))
+    scores = []
+    for start in range(0, len(images), batch_size):
+        chunk = slice(start, start + batch_size)
+        heat = np.stack([scaled_to_unit(cam) for cam in maps[chunk]]).astype(np.float32)
+        outputs = [ClassifierOutputSoftmaxTarget(int(t)) for t in targets[chunk]]
+        scores.append(np.asarray(explainer.with_model(
+            lambda model, chunk=chunk, heat=heat, outputs=outputs: metric(images_tensor(images[chunk]), heat, outputs,
+                                                                          model))).reshape(-1))
+    return np.concatenate(scores) if scores else np.zeros(0)

@@ -88,7 +88,7 @@ def faithfulness_table(audit: Audit) -> pd.DataFrame:
         rank = audit.report.get("faithfulness", {}).get(record["run_id"], {}).get(record["method"], {}).get("rank")
         rows.append({"run_id": record["run_id"], "Model": _model_name(record), "Method": _method_name(record["method"]),
                      "Rank": rank, "baseline": summary["baseline"],
-                     **{key: summary[key] for name in ("deletion", "insertion", "score")
+                     **{key: summary[key] for name in ("deletion", "insertion", "score", "road") if name in summary
                         for key in (name, f"{name}_low", f"{name}_high")}, "images": summary["images"]})
     table = pd.DataFrame(rows)
     return table.sort_values("Rank") if not table.empty else table

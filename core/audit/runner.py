@@ -16,7 +16,7 @@ import numpy as np
 
 from core.audit import store as audit_store
 from core.audit.artefacts import ARTEFACT_KINDS
-from core.audit.faithfulness import BASELINES, area_under, deletion_insertion_curves
+from core.audit.faithfulness import BASELINES, area_under, deletion_insertion_curves, road_scores
 from core.audit.localisation import load_masks, localisation_measures
 from core.audit.maps import AUDIT_METHODS, compute_maps, predict
 from core.audit.randomisation import DEFAULT_STEPS, randomisation_check
@@ -46,6 +46,7 @@ class AuditSettings:
     artefacts: tuple[str, ...] = ARTEFACT_KINDS
     masks_dir: str | None = None
     top_share: float = 0.2
+    road: bool = False  # ROAD in faithfulness too: about 1 s per image on two cores, so asked for
 
     def __post_init__(self) -> None:
         problems = []
@@ -274,7 +275,7 @@ def _check_settings(check: str, settings: AuditSettings, inputs: _RunInputs, run
                 "masks": inputs.masks_source}
     if check == "localisation":
         return {"top_share": settings.top_share, "masks": inputs.masks_source}
-    return {"baseline": settings.baseline}
+    return {"baseline": settings.baseline, "road": settings.road}
 
 
 def _run_threshold(run: dict) -> float:
@@ -306,14 +307,17 @@ def _compute(check: str, method: str, run: dict, model, explainer, inputs: _RunI
         maps = compute_maps(explainer, inputs.images, method, predicted)
         shares, deletion, insertion = deletion_insertion_curves(explainer, inputs.images, maps, predicted,
                                                                 settings.baseline, stop=stop)
-        deletion_area, insertion_area = area_under(shares, deletion), area_under(shares, insertion)
-        rows = [{"image_id": image_id, "target_class": int(target), "deletion": float(d), "insertion": float(i)}
-                for image_id, target, d, i in zip(ids, predicted, deletion_area, insertion_area)]
+        measures = {"deletion": area_under(shares, deletion), "insertion": area_under(shares, insertion)}
+        measures["score"] = measures["insertion"] - measures["deletion"]
+        if settings.road:
+            measures["road"] = road_scores(explainer, inputs.images, maps, predicted)
+        rows = [{"image_id": image_id, "target_class": int(target),
+                 **{name: float(values[index]) for name, values in measures.items() if name != "score"}}
+                for index, (image_id, target) in enumerate(zip(ids, predicted))]
         summary = {"baseline": settings.baseline, "images": len(ids),
                    "deletion_curve": deletion.mean(0).tolist(), "insertion_curve": insertion.mean(0).tolist(),
                    "shares": shares.tolist()}
-        for name, values in (("deletion", deletion_area), ("insertion", insertion_area),
-                             ("score", insertion_area - deletion_area)):
+        for name, values in measures.items():
             interval = mean_interval(values, seed=settings.seed)
             summary.update({name: interval.value, f"{name}_low": interval.low, f"{name}_high": interval.high})
         return summary, rows, None
