@@ -316,6 +316,38 @@ def labelled_grid(panels: list[tuple[str, str, list[np.ndarray]]], tile: int = 2
     return np.asarray(canvas)
 
 
+def image_table(column_titles: list[str], row_titles: list[str], rows: list[list[np.ndarray]],
+                tile: int = 128, captions: list[list[str]] | None = None) -> np.ndarray:
+    """A table of images as one RGB image: a title over each column, a label left of each row and an
+    optional caption in a corner of each image (the audit's before/after grid: artefacts across, the
+    image and each model's map down, each map captioned with the model's P(malignant))."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    try:
+        font = ImageFont.load_default(size=13)
+    except TypeError:  # Pillow < 10.1 has one fixed-size default font
+        font = ImageFont.load_default()
+    gap, header, label = 4, 24, 130
+    canvas = Image.new("RGB", (label + len(column_titles) * (tile + gap) + gap, header + len(rows) * (tile + gap)),
+                       "white")
+    draw = ImageDraw.Draw(canvas)
+    for column, title in enumerate(column_titles):
+        draw.text((label + gap + column * (tile + gap), 5), title, fill="black", font=font)
+    for row, (title, images) in enumerate(zip(row_titles, rows)):
+        top = header + row * (tile + gap)
+        for line, text in enumerate(title.split("\n")):
+            draw.text((4, top + tile // 2 - 10 + 16 * line), text, fill="black" if line == 0 else "#555555", font=font)
+        for column, image in enumerate(images):
+            left = label + gap + column * (tile + gap)
+            canvas.paste(Image.fromarray(image).resize((tile, tile), Image.Resampling.BILINEAR), (left, top))
+            caption = captions[row][column] if captions else ""
+            if caption:
+                box = draw.textbbox((left + 3, top + 3), caption, font=font)
+                draw.rectangle((box[0] - 2, box[1] - 2, box[2] + 2, box[3] + 2), fill="white")
+                draw.text((left + 3, top + 3), caption, fill="black", font=font)
+    return np.asarray(canvas)
+
+
 @templated
 def localisation_bars_figure(rows: list[dict], lesion_area: float) -> go.Figure:
     """Mean CAM energy inside the lesion and pointing-game hit rate per model, with the lesion's
@@ -392,7 +424,7 @@ def randomisation_figure(table, fail_threshold: float = 0.5) -> go.Figure:
                               "<extra>" + method + "</extra>"), row=1, col=column)
         figure.add_hline(y=fail_threshold, line=dict(color="#b5483b", dash="dot"), row=1, col=column)
         figure.update_xaxes(tickmode="array", tickvals=list(range(int(table["step"].max()) + 1)), row=1, col=column)
-    figure.update_yaxes(range=[-0.2, 1.05], title_text="Spearman with the trained model's maps", row=1, col=1)
+    figure.update_yaxes(range=[-1.05, 1.05], title_text="Spearman with the trained model's maps", row=1, col=1)
     figure.update_xaxes(title_text="randomisation step (0 = trained)")
     figure.update_layout(height=340, margin=dict(l=10, r=10, t=60, b=10), legend=dict(orientation="h", y=-0.25),
                          title=f"Randomisation sanity check (a method above {fail_threshold} after the whole "
@@ -496,7 +528,7 @@ def randomisation_png(table, path, fail_threshold: float = 0.5) -> None:
         axis.axhline(fail_threshold, color="#b5483b", linestyle=":")
         axis.set_title(model)
         axis.set_xlabel("randomisation step")
-        axis.set_ylim(-0.2, 1.05)
+        axis.set_ylim(-1.05, 1.05)
     axes[0][0].set_ylabel("Spearman with trained maps")
     axes[0][0].legend(fontsize=8)
     figure.tight_layout()

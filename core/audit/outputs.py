@@ -101,24 +101,39 @@ def per_image_table(audit: Audit, check: str) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def artefact_examples(audit: Audit, opacity: float = 0.5) -> list[tuple[str, str, list[np.ndarray]]]:
-    """Panels for the before/after grid (`core.figures.labelled_grid`): per model, the benign example without
-    and with each artefact, each image beside its malignant-class map on one colour scale."""
-    panels = []
-    for record in audit.records_of("artefacts"):
-        arrays = load_arrays(record["path"]) if record.get("path") else {}
-        if "before" not in arrays:
-            continue
-        kinds = [kind for kind in record["summary"] if kind in arrays]
-        maps = [arrays["before_map"]] + [arrays[f"{kind}_map"] for kind in kinds]
-        top = max(float(m.max()) for m in maps) or 1.0
-        images = [arrays["before"]] + [arrays[kind] for kind in kinds]
-        tiles = []
-        for image, cam in zip(images, maps):
-            tiles += [image, overlay(image, np.clip(cam / top, 0, 1), opacity)]
-        changes = ", ".join(f"{kind} {record['summary'][kind]['mean_change']:+.2f}" for kind in kinds)
-        panels.append((_model_name(record), f"mean ΔP: {changes}", tiles))
-    return panels
+def artefact_examples(audit: Audit, opacity: float = 0.5) -> np.ndarray | None:
+    """The before/after grid as one image (`core.figures.image_table`): artefacts across; down, the benign
+    example as pasted, then each model's malignant-class map of it (one colour scale per model), captioned
+    with the model's P(malignant) of that image. None without an artefact test."""
+    from core.figures import image_table
+
+    records = [record for record in audit.records_of("artefacts") if record.get("path")]
+    stored = [(record, load_arrays(record["path"])) for record in records]
+    stored = [(record, arrays) for record, arrays in stored if "before" in arrays]
+    if not stored:
+        return None
+    kinds = [kind for kind in stored[0][0]["summary"] if kind in stored[0][1]]
+    images = [stored[0][1]["before"]] + [stored[0][1][kind] for kind in kinds]
+    rows, titles, captions = [images], ["image"], [[""] * len(images)]
+    for record, arrays in stored:
+        maps = [arrays["before_map"]] + [arrays.get(f"{kind}_map", np.zeros_like(arrays["before_map"]))
+                                         for kind in kinds]
+        top = max(float(cam.max()) for cam in maps) or 1.0
+        own_images = [arrays["before"]] + [arrays.get(kind, arrays["before"]) for kind in kinds]
+        rows.append([overlay(image, np.clip(cam / top, 0, 1), opacity) for image, cam in zip(own_images, maps)])
+        titles.append(_model_name(record))
+        captions.append(_example_probabilities(record, kinds))
+    return image_table(["without"] + [ARTEFACT_NAMES[kind] for kind in kinds], titles, rows, captions=captions)
+
+
+def _example_probabilities(record: dict, kinds: list[str]) -> list[str]:
+    """'P 0.12' without the artefact, then with each: the model's P(malignant) of the example image."""
+    example = record["images"][0] if record.get("images") else None
+    rows = {row["artefact"]: row for row in record["per_image"] if row.get("image_id") == example}
+    if not rows:
+        return [""] * (len(kinds) + 1)
+    first = next(iter(rows.values()))
+    return [f"P {first['before']:.2f}"] + [f"P {rows[kind]['after']:.2f}" if kind in rows else "" for kind in kinds]
 
 
 def _interval(value, low, high, digits: int = 2) -> str:
@@ -132,7 +147,7 @@ def write_audit_outputs(audit: Audit, out_dir: str | Path) -> list[Path]:
     audit.json first."""
     from PIL import Image
 
-    from core.figures import artefact_heatmap_png, grouped_bars_png, labelled_grid, randomisation_png
+    from core.figures import artefact_heatmap_png, grouped_bars_png, randomisation_png
 
     out = Path(out_dir)
     try:
@@ -163,9 +178,9 @@ def write_audit_outputs(audit: Audit, out_dir: str | Path) -> list[Path]:
         if not table.empty:
             draw(table, out / name)
             paths.append(out / name)
-    panels = artefact_examples(audit)
-    if panels:
-        Image.fromarray(labelled_grid(panels, tile=128)).save(out / "artefact_examples.png")
+    examples = artefact_examples(audit)
+    if examples is not None:
+        Image.fromarray(examples).save(out / "artefact_examples.png")
         paths.append(out / "artefact_examples.png")
     return paths
 
