@@ -121,6 +121,7 @@ class Comparison:
     readings: list[str] = field(default_factory=list)
     operating_point: str = "each run's own decision threshold"
     target_sensitivity: float | None = None
+    store: RunStore | None = None  # where the runs live: the report adds their stored explanation audit
 
 
 def describe_operating_point(threshold: float | None, target_sensitivity: float | None) -> str:
@@ -176,7 +177,7 @@ def build_comparison(store: RunStore, runs: list[dict], threshold: float | None 
     paired = len(entries) > 1 and all(
         entry.test["image_id"].tolist() == entries[0].test["image_id"].tolist() for entry in entries)
     comparison = Comparison(entries, table, paired, operating_point=describe_operating_point(
-        threshold, target_sensitivity), target_sensitivity=target_sensitivity)
+        threshold, target_sensitivity), target_sensitivity=target_sensitivity, store=store)
     if paired:
         comparison.delong, comparison.mcnemar = _pairwise_tests(entries)
         comparison.readings = _readings(entries, comparison.delong, comparison.mcnemar)

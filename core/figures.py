@@ -424,9 +424,10 @@ def randomisation_figure(table, fail_threshold: float = 0.5) -> go.Figure:
                               "<extra>" + method + "</extra>"), row=1, col=column)
         figure.add_hline(y=fail_threshold, line=dict(color="#b5483b", dash="dot"), row=1, col=column)
         figure.update_xaxes(tickmode="array", tickvals=list(range(int(table["step"].max()) + 1)), row=1, col=column)
-    figure.update_yaxes(range=[-1.05, 1.05], title_text="Spearman with the trained model's maps", row=1, col=1)
-    figure.update_xaxes(title_text="randomisation step (0 = trained)")
-    figure.update_layout(height=340, margin=dict(l=10, r=10, t=60, b=10), legend=dict(orientation="h", y=-0.25),
+    figure.update_yaxes(range=[-1.05, 1.05], title_text="Spearman with trained maps", row=1, col=1)
+    # One axis title under the middle panel: repeated under narrow panels they run into each other.
+    figure.update_xaxes(title_text="randomisation step (0 = trained)", row=1, col=(len(models) + 1) // 2)
+    figure.update_layout(height=360, margin=dict(l=10, r=10, t=60, b=10), legend=dict(orientation="h", y=-0.25),
                          title=f"Randomisation sanity check (a method above {fail_threshold} after the whole "
                                "network is randomised fails)")
     return figure

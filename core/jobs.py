@@ -3,6 +3,9 @@
 The dashboard holds one `JobQueue` per process (shared by every browser tab), submits runs to it and
 polls `snapshot()`; nothing here knows about the UI. A stop request ends the current run cleanly
 after its current batch; one run failing never stops the runs queued behind it.
+
+Work that trains nothing (an explanation audit) queues as a task too, so that it never shares the CPU
+with training; it reports `done` of `total` steps through `callback.on_progress` instead of batches.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import traceback
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from core.callbacks import BatchProgress, EpochRecord, TrainingCallback
 from core.config import DataSpec, TrainConfig
@@ -25,11 +29,29 @@ from core.runs import RunStore
 from core.training import ResumeError, recorded_data_spec, resume_training, run_training
 
 ACTIVE_STATES = ("queued", "preparing", "running")
-# What a job trains, and so which page owns it (may stop it): runs, a tuning study, an ablation.
-JOB_KINDS = ("train", "tune", "ablation")
+# What a job does, and so which page owns it (may stop it): runs, a tuning study, an ablation, an audit.
+JOB_KINDS = ("train", "tune", "ablation", "audit")
 
 _queues: dict[str, JobQueue] = {}
 _queues_lock = threading.Lock()
+
+
+@dataclass(frozen=True)
+class TaskProgress:
+    """Progress of a task measured in its own steps rather than training batches (an audit's results):
+    `done` of `total`, and what it works on now ("ResNet50 (run 2 of 5)")."""
+
+    done: int
+    total: int
+    text: str = ""
+
+    @property
+    def fraction_done(self) -> float:
+        return min(max(self.done, 0) / max(self.total, 1), 1.0)
+
+    def describe(self) -> str:
+        counted = f"{self.done} of {self.total} steps done"
+        return f"{self.text} · {counted}" if self.text else counted
 
 
 @dataclass
@@ -58,6 +80,9 @@ class Job:
     # Training images and seconds of the job's finished runs: the rate its later runs are estimated at.
     finished_images: float = 0.0
     finished_seconds: float = 0.0
+    started_at: float | None = None  # when the worker took the job (time.time())
+    task_progress: TaskProgress | None = None  # a task's own steps, when it reports them instead of batches
+    result: Any = None  # what a task handed back for the pages to show (an audit's results)
 
     @property
     def active(self) -> bool:
@@ -76,13 +101,25 @@ class Job:
 
     @property
     def seconds_left(self) -> float | None:
-        """For the whole job: a study's later trials or cells included."""
+        """For the whole job: a study's later trials or cells included; a task's steps left at the pace of
+        its steps so far."""
+        if self.task_progress is not None and self.progress is None:
+            return self._task_seconds_left()
         step = self.step if self.kind != "train" else None  # a batch's other runs are jobs of their own
         return seconds_left(self.progress, step, self.finished_images, self.finished_seconds)
 
+    def _task_seconds_left(self) -> float | None:
+        done, total = self.task_progress.done, self.task_progress.total
+        if done <= 0 or self.started_at is None:
+            return None
+        return max(time.time() - self.started_at, 0.0) / done * max(total - done, 0)
+
     @property
     def fraction_done(self) -> float:
-        """Of the whole job, by training images (by runs where the plan's sizes are unknown)."""
+        """Of the whole job, by training images (by runs where the plan's sizes are unknown), or by a
+        task's own steps."""
+        if self.task_progress is not None and self.progress is None:
+            return self.task_progress.fraction_done
         run_fraction = min(self.progress.fraction_done, 1.0) if self.progress else 0.0
         step = self.step
         if self.kind == "train" or step is None:
@@ -97,10 +134,17 @@ class Job:
         return self.step.describe() if self.step is not None and self.kind != "train" else ""
 
     def progress_text(self) -> str:
-        """One line: "Tune study X: trial 3 of 10 · epoch 2/5 · batch 14/40 · 85 img/s · about 6 min left"."""
+        """One line: "Tune study X: trial 3 of 10 · epoch 2/5 · batch 14/40 · 85 img/s · about 6 min left",
+        or for a task counting its own steps "Audit of 5 runs: ResNet50 (run 2 of 5) · 7 of 20 steps done ·
+        about 40 s left"."""
         step_text = self.describe_step()
         parts = [step_text] if step_text else []
         progress = self.progress
+        if progress is None and self.task_progress is not None:
+            parts.append(self.task_progress.describe())
+            left = self.seconds_left
+            parts.append(f"about {format_duration(left)} left" if left is not None else "estimating time left ...")
+            return f"{self.title}: " + " · ".join(parts)
         if progress is None:  # a new run (or a study's next one) builds its model and times precision first
             parts.append("preparing data and timing precision ...")
             return f"{self.title}: " + " · ".join(parts)
@@ -112,7 +156,8 @@ class Job:
 
     def busy_text(self) -> str:
         """What the queue is busy with, for pages that do not own this job: "Tune study X (trial 3 of 10)"."""
-        return self.title + (f" ({self.describe_step()})" if self.describe_step() else "")
+        detail = self.describe_step() or (self.task_progress.describe() if self.task_progress else "")
+        return self.title + (f" ({detail})" if detail else "")
 
 
 @dataclass(frozen=True)
@@ -169,6 +214,17 @@ class _JobCallback(TrainingCallback):
         with self.queue._lock:
             self.job.step, self.job.progress = step, None
 
+    def on_progress(self, done: int, total: int, text: str = "") -> None:
+        """A task that trains nothing reports its own steps: `done` of `total`, and what it works on now."""
+        with self.queue._lock:
+            self.job.state = "running"
+            self.job.task_progress = TaskProgress(int(done), int(total), text)
+
+    def on_result(self, result: Any) -> None:
+        """A task hands back what the pages show when it has ended (kept with the finished job)."""
+        with self.queue._lock:
+            self.job.result = result
+
 
 def _trained_images(run: dict) -> int:
     """Training images a finished run went through (its finished epochs; a pruned trial has few)."""
@@ -204,8 +260,10 @@ class JobQueue:
             return [job.job_id for job in jobs]
 
     def submit_task(self, label: str, config: TrainConfig, data: DataSpec, task: Callable, kind: str = "tune") -> int:
-        """Queue a study (tuning, ablation) that trains several runs; it waits its turn like a run,
-        so two trainings never share the CPU. The task may report its steps through `callback.on_step`."""
+        """Queue a study (tuning, ablation) that trains several runs, or other long work (an audit); it
+        waits its turn like a run, so two jobs never share the CPU. The task may report its runs through
+        `callback.on_step`, or its own steps through `callback.on_progress(done, total, text)`, and hand
+        back a result through `callback.on_result`."""
         if kind not in JOB_KINDS:
             raise ValueError(f"unknown job kind {kind!r} (choose from {', '.join(JOB_KINDS)})")
         with self._lock:
@@ -286,7 +344,7 @@ class JobQueue:
             while True:
                 job = next((job for job in self._jobs if job.state == "queued"), None)
                 if job is not None:
-                    job.state = "preparing"
+                    job.state, job.started_at = "preparing", time.time()
                     self._stop_current.clear()
                     return job
                 self._wake.wait()

@@ -22,6 +22,8 @@ SEEN_FINISHED = "train.seen_finished"  # (finished jobs, current run) the run ta
 # Set by Compare's per-image explorer: {"run_ids": [...], "image_ids": [...]} for the Explain page to open.
 EXPLAIN_REQUEST = "explain.request"
 FROM_COMPARE = "explain.from_compare"  # Compare's last request, kept after it is consumed so reruns keep it
+AUDIT_RUNS = "audit.runs"  # the runs chosen on the Audit page (a multiselect's key)
+AUDIT_JOB = "audit.job"  # id of the audit job this session queued: its results or its error are shown
 VALUE_PREFIX, WIDGET_PREFIX = "value.", "widget."
 
 SPLIT_RATIOS = ["80:20", "70:30", "60:40"]  # the paper's train:test ratios
@@ -122,7 +124,10 @@ def run_choice_label(run: dict) -> str:
 
 
 # Which page owns each kind of queued job: the only page that offers to stop it.
-JOB_PAGES = {"train": "Train", "tune": "Tune", "ablation": "Ablation"}
+JOB_PAGES = {"train": "Train", "tune": "Tune", "ablation": "Ablation", "audit": "Audit"}
+# What Stop keeps, by kind of job.
+STOP_HELP = {"audit": "Ends it between two steps; every result finished so far is stored and reused next time."}
+DEFAULT_STOP_HELP = "Ends it cleanly after the current batch; finished work and the best checkpoint are kept."
 SEEN_QUEUE = "queue.seen"  # + page key: (current job, busy) this page was last drawn for
 
 
@@ -137,9 +142,10 @@ def job_progress_and_stop(kind: str, page_key: str, waiting: str) -> Job | None:
     st.progress(current.fraction_done, text=current.progress_text())
     if current.kind == kind:
         if st.button(f"Stop {current.title}", key=f"{page_key}.stop", icon=":material/stop:",
-                     help="Ends it cleanly after the current batch; finished work and the best checkpoint are kept."):
+                     help=STOP_HELP.get(kind, DEFAULT_STOP_HELP)):
             stopped = queue.stop(current.job_id)
-            st.toast("Stopping after the current batch." if stopped else f"{current.title} had already ended.")
+            when = "between two steps" if kind == "audit" else "after the current batch"
+            st.toast(f"Stopping {when}." if stopped else f"{current.title} had already ended.")
     else:
         st.info(f"The queue is busy with {current.busy_text()}; {waiting}. Stop it on the "
                 f"{JOB_PAGES.get(current.kind, 'Train')} page.", icon=":material/hourglass_top:")

@@ -5,12 +5,15 @@ from __future__ import annotations
 import hashlib
 import io
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import streamlit as st
 from PIL import Image
 
+from core.audit.store import AUDIT_FOLDER, sanity_verdict
+from core.audit.summary import sanity_flag
 from core.cams import (
     CAM_METHODS,
     COLOUR_MAPS,
@@ -293,7 +296,26 @@ def controls(has_mask: bool) -> dict:
             "shared": shared, "show_mask": show_mask}
 
 
-def show_row(explained: ExplainedImage, settings: dict, notes: list[str]) -> np.ndarray:
+@st.cache_data(max_entries=64, show_spinner=False)
+def cached_verdict(run_folder: str, method: str, audit_version: float) -> dict | None:
+    """The run's newest randomisation result for the method; `audit_version` (its audit folder's mtime, which
+    a newly stored result changes) keeps the cache fresh."""
+    return sanity_verdict(Path(run_folder), method)
+
+
+def sanity_verdicts(store: RunStore, runs: list[dict], method: str) -> list[dict | None]:
+    """Per run: its stored randomisation sanity check of the method, None when not audited."""
+    verdicts = []
+    for run in runs:
+        folder = store.root / run["run_id"]
+        audit_folder = folder / AUDIT_FOLDER
+        version = audit_folder.stat().st_mtime if audit_folder.is_dir() else 0.0
+        verdicts.append(cached_verdict(str(folder), method, version) if version else None)
+    return verdicts
+
+
+def show_row(explained: ExplainedImage, settings: dict, notes: list[str],
+             verdicts: list[dict | None] | None = None) -> np.ndarray:
     panels = explanation_panels(explained, settings["opacity"], settings["colour_map"], settings["shared"],
                                 settings["show_mask"])
     count = len(panels)
@@ -309,7 +331,15 @@ def show_row(explained: ExplainedImage, settings: dict, notes: list[str]) -> np.
         column.image(images[1], width="stretch")
     st.caption("Above: contours at 25/50/75% of each map" + (", lesion outline in green" if settings["show_mask"]
                                                              else "") + ".")
-    for column, result, note in zip(st.columns(count), explained.results, notes):
+    verdicts = verdicts or [None] * count
+    method_name = CAM_METHODS[settings["method"]].display_name
+    for column, result, note, verdict in zip(st.columns(count), explained.results, notes, verdicts):
+        if verdict is not None:
+            fails, text = sanity_flag(method_name, verdict)
+            if fails:
+                column.warning(text, icon="⚠️")
+            else:
+                column.caption(text)
         if result.all_zero:
             column.info("All-zero map: nothing in this image raises the score of the explained class "
                         "(common when explaining 'benign').")
@@ -318,6 +348,10 @@ def show_row(explained: ExplainedImage, settings: dict, notes: list[str]) -> np.
                         "its training size).")
         if note:
             column.warning(note)
+    unaudited = [title for (title, _, _), verdict in zip(panels, verdicts) if verdict is None]
+    if unaudited:
+        st.caption(f"{method_name} of {', '.join(unaudited)} not audited yet: the Audit page's randomisation sanity "
+                   "check tells whether these maps depend on what the model learnt.")
     return labelled_grid(panels)
 
 
@@ -482,7 +516,7 @@ def main() -> None:
     explained = compute_row(explainers, chosen, settings, tuple(run["run_id"] for run in runs))
     if explained is None:
         return
-    figure = show_row(explained, settings, chosen.notes)
+    figure = show_row(explained, settings, chosen.notes, sanity_verdicts(store, runs, settings["method"]))
     buffer = io.BytesIO()
     Image.fromarray(figure).save(buffer, format="PNG")
     st.download_button("Download the figure (PNG)", buffer.getvalue(),

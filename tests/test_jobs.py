@@ -1,6 +1,7 @@
 """The background training queue, driven directly (no UI)."""
 
 import dataclasses
+import threading
 import time
 
 import pytest
@@ -201,4 +202,50 @@ def test_a_batch_of_runs_is_numbered_and_named(queue):
     assert [jobs[job_id].title for job_id in ids] == ["ResNet18 run 1 of 2 (Train all five)",
                                                       "Hybrid S-ResNet run 2 of 2 (Train all five)"]
     assert queue.clear_queue() == 2 and queue.stop(blocker)  # only the names matter; nothing needs to train
+    assert queue.wait_until_idle(timeout=30)
+
+
+def test_a_task_counting_its_own_steps_reports_progress_time_left_and_a_result(queue):
+    """An audit trains nothing: it reports done/total steps and a text, and hands back its result."""
+    halfway, release = threading.Event(), threading.Event()
+
+    def task(stop, callback):
+        callback.on_progress(0, 4, "ResNet18 (run 1 of 2)")
+        time.sleep(0.2)
+        callback.on_progress(2, 4, "ResNet50 (run 2 of 2)")
+        halfway.set()
+        release.wait(30)
+        callback.on_progress(4, 4, "ResNet50 (run 2 of 2)")
+        callback.on_result({"audited": 2})
+        return "completed", None
+
+    job_id = queue.submit_task("Audit of 2 run(s)", TINY_CONFIG, TINY_SYNTHETIC, task, kind="audit")
+    assert halfway.wait(30)
+    job = queue.snapshot().current
+    assert (job.job_id, job.kind, job.state, job.fraction_done) == (job_id, "audit", "running", 0.5)
+    assert 0 < job.seconds_left < 30, "the steps left at the pace of the steps so far"
+    text = job.progress_text()
+    assert text.startswith("Audit of 2 run(s): ResNet50 (run 2 of 2) · 2 of 4 steps done · about ")
+    assert text.endswith(" s left") and "epoch" not in text and "preparing" not in text
+    assert job.busy_text() == "Audit of 2 run(s) (ResNet50 (run 2 of 2) · 2 of 4 steps done)"
+    release.set()
+    assert queue.wait_until_idle(timeout=30)
+    (finished,) = queue.snapshot().jobs
+    assert (finished.state, finished.fraction_done, finished.result) == ("completed", 1.0, {"audited": 2})
+
+
+def test_a_task_before_its_first_step_estimates_nothing_yet(queue):
+    release = threading.Event()
+
+    def task(stop, callback):
+        callback.on_progress(0, 7)
+        release.wait(30)
+        return "completed", None
+
+    queue.submit_task("Audit of 1 run(s)", TINY_CONFIG, TINY_SYNTHETIC, task, kind="audit")
+    wait_for(lambda: (job := queue.snapshot().current) is not None and job.task_progress is not None)
+    job = queue.snapshot().current
+    assert job.progress_text() == "Audit of 1 run(s): 0 of 7 steps done · estimating time left ..."
+    assert job.fraction_done == 0.0 and job.seconds_left is None
+    release.set()
     assert queue.wait_until_idle(timeout=30)

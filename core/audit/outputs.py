@@ -48,7 +48,7 @@ def sanity_table(audit: Audit) -> pd.DataFrame:
         summary, other = record["summary"], record["summary"]["other_class"]
         last = summary["steps"][-1]
         rows.append({"Model": _model_name(record), "Method": _method_name(record["method"]),
-                     "Verdict": "FAILS" if summary["fails"] else "passes",
+                     "Verdict": {True: "FAILS", False: "passes", None: "no verdict"}[summary["fails"]],
                      "Spearman, all randomised": _interval(last["spearman"], last["spearman_low"],
                                                            last["spearman_high"]),
                      "SSIM, all randomised": _interval(last["ssim"], last["ssim_low"], last["ssim_high"]),

@@ -23,7 +23,7 @@ from core.audit.randomisation import DEFAULT_STEPS, randomisation_check
 from core.audit.shortcuts import artefact_test
 from core.cams import explainer_for_run, load_trained_model
 from core.config import DataSpec, TrainConfig
-from core.datasets import PreparedData, prepare_data
+from core.datasets import PreparedData, check_allowed, prepare_data
 from core.runs import RunStore
 from core.stats import mean_interval
 
@@ -132,6 +132,7 @@ def run_inputs(run: dict, data: PreparedData, settings: AuditSettings) -> _RunIn
     ids = data.table["image_id"].to_numpy()[rows].tolist()
     masks, source = {}, "none"
     if settings.masks_dir:
+        check_allowed(settings.masks_dir)
         masks = load_masks(settings.masks_dir, ids, int(data.images.shape[1]))
         source = f"folder {settings.masks_dir}"
     elif data.masks is not None:

@@ -83,7 +83,8 @@ def sanity_verdict(run_folder: Path, method: str) -> dict | None:
     if not results:
         return None
     summary = results[0]["summary"]
-    return {"fails": bool(summary.get("fails")), "final_spearman": summary.get("final_spearman"),
+    fails = summary.get("fails")
+    return {"fails": None if fails is None else bool(fails), "final_spearman": summary.get("final_spearman"),
             "fail_threshold": summary.get("fail_threshold"), "images": len(results[0].get("images", [])),
             "saved_at": results[0].get("saved_at")}
 
