@@ -472,14 +472,15 @@ def _interval_bars(table, measure: str) -> dict:
 @templated
 def faithfulness_figure(table) -> go.Figure:
     """Deletion (lower is better) and insertion (higher is better) areas per model and method, with intervals."""
-    labels = [f"{row.Model} · {row.Method}" for row in table.itertuples()]
+    labels = [f"{row.Model}<br>{row.Method}" for row in table.itertuples()]
     figure = go.Figure()
     for name, colour in (("deletion", "#b5483b"), ("insertion", "#3b6ea5")):
         figure.add_trace(go.Bar(name=f"{name} AUC", x=labels, y=table[name], marker_color=colour,
                                 error_y=_interval_bars(table, name)))
-    figure.update_layout(barmode="group", yaxis_range=[0, 1.05], height=360, margin=dict(l=10, r=10, t=50, b=10),
+    figure.update_xaxes(tickangle=0)
+    figure.update_layout(barmode="group", yaxis_range=[0, 1.05], height=380, margin=dict(l=10, r=10, t=50, b=10),
                          title="Faithfulness: deletion (lower is better) and insertion (higher is better)",
-                         legend=dict(orientation="h", y=-0.2))
+                         legend=dict(orientation="h", y=-0.28))
     return figure
 
 
@@ -487,7 +488,7 @@ def faithfulness_figure(table) -> go.Figure:
 def audit_localisation_figure(table) -> go.Figure:
     """Energy inside the lesion, pointing game, relevance rank and top-k IoU per model and method, with
     intervals, and the lesion's own area share (what a map blind to the lesion scores on energy)."""
-    labels = [f"{row.Model} · {row.Method}" for row in table.itertuples()]
+    labels = [f"{row.Model}<br>{row.Method}" for row in table.itertuples()]
     figure = go.Figure()
     for index, (measure, title) in enumerate(LOCALISATION_TITLES.items()):
         figure.add_trace(go.Bar(name=title, x=labels, y=table[measure], marker_color=AUDIT_COLOURS[index],
@@ -497,9 +498,10 @@ def audit_localisation_figure(table) -> go.Figure:
     figure.add_hline(y=area, line=line)
     figure.add_trace(go.Scatter(x=[None], y=[None], mode="lines", line=line,
                                 name=f"lesion area {area:.0%} (a map blind to the lesion)"))
-    figure.update_layout(barmode="group", yaxis_range=[0, 1.05], height=380, margin=dict(l=10, r=10, t=50, b=10),
+    figure.update_xaxes(tickangle=0)
+    figure.update_layout(barmode="group", yaxis_range=[0, 1.05], height=400, margin=dict(l=10, r=10, t=50, b=10),
                          title="Localisation against the lesion masks (malignant-class maps)",
-                         legend=dict(orientation="h", y=-0.2))
+                         legend=dict(orientation="h", y=-0.28))
     return figure
 
 
