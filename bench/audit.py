@@ -24,7 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from core.audit.runner import AuditSettings, run_audit  # noqa: E402
-from core.compare import default_comparison_runs  # noqa: E402
+from core.evaluation.compare import default_comparison_runs  # noqa: E402
 from core.runs import RunStore  # noqa: E402
 
 

@@ -21,11 +21,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from bench.throughput import make_image_folder, reference_loader  # noqa: E402
 from core.config import DataSpec, TrainConfig  # noqa: E402
-from core.datasets import prepare_data  # noqa: E402
+from core.data.datasets import prepare_data  # noqa: E402
 from core.environment import select_device  # noqa: E402
 from core.models import build_model  # noqa: E402
-from core.precision import choose_execution_plan  # noqa: E402
-from core.training import TensorData, prepare_batch  # noqa: E402
+from core.training.loop import TensorData, prepare_batch  # noqa: E402
+from core.training.precision import choose_execution_plan  # noqa: E402
 
 
 def pil_epoch_seconds(folder: Path, size: int) -> float:

@@ -27,11 +27,11 @@ sys.path.insert(0, str(ROOT))
 def measure(pipeline: str, model_name: str, folder: str, size: int, cache_dir: str) -> dict:
     from bench.throughput import reference_loader
     from core.config import DataSpec, TrainConfig
-    from core.datasets import prepare_data
+    from core.data.datasets import prepare_data
     from core.environment import select_device
     from core.models import build_model
-    from core.precision import choose_execution_plan
-    from core.training import TensorData, evaluate
+    from core.training.loop import TensorData, evaluate
+    from core.training.precision import choose_execution_plan
 
     model, _ = build_model(model_name, pretrained=False)
     model.eval()

@@ -22,7 +22,7 @@ def measure(kind: str, model_name: str, size: int) -> float:
     from torch import nn
 
     from core.models import build_model
-    from core.precision import ExecutionPlan, bf16_supported
+    from core.training.precision import ExecutionPlan, bf16_supported
 
     model, _ = build_model(model_name, pretrained=False)
     images = torch.randn(32 if kind.startswith("train") else 1, 3, size, size)

@@ -27,13 +27,13 @@ from torchvision import datasets, transforms
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from core.augment import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 from core.config import DataSpec, TrainConfig  # noqa: E402
-from core.datasets import prepare_data  # noqa: E402
+from core.data.augment import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
+from core.data.datasets import prepare_data  # noqa: E402
 from core.environment import select_device  # noqa: E402
 from core.models import MODEL_REGISTRY, build_model  # noqa: E402
-from core.precision import choose_execution_plan  # noqa: E402
-from core.training import TensorData, prepare_batch  # noqa: E402
+from core.training.loop import TensorData, prepare_batch  # noqa: E402
+from core.training.precision import choose_execution_plan  # noqa: E402
 
 ISIC = ROOT.parent / "shared" / "data" / "isic2017"
 
@@ -50,7 +50,7 @@ def make_image_folder(folder: Path, count: int) -> str:
         return f"{count} ISIC 2017 JPEGs (256 px)"
     from PIL import Image
 
-    from core.synthetic import generate_synthetic
+    from core.data.synthetic import generate_synthetic
 
     synthetic = generate_synthetic(count, 256, 0)
     for index, (image, label) in enumerate(zip(synthetic.images, synthetic.labels)):

@@ -42,9 +42,9 @@ from pytorch_grad_cam.utils.model_targets import ClassifierOutputSoftmaxTarget, 
 from scipy import stats as scipy_stats
 from torch import nn
 
-from core.augment import normalise
-from core.datasets import PreparedData
-from core.images import decode_image
+from core.data.augment import normalise
+from core.data.datasets import PreparedData
+from core.data.images import decode_image
 from core.models import build_model, get_model_spec
 
 logger = logging.getLogger(__name__)

@@ -11,8 +11,10 @@ import sys
 import threading
 import time
 
-from core.callbacks import BatchProgress, EpochRecord, TrainingCallback
-from core.compare import (
+from core.config import MODEL_NAMES, PRECISIONS, PRESETS, DataSpec, TrainConfig
+from core.data.datasets import FORMATS, DatasetError, prepare_data
+from core.data.synthetic import CONFOUNDER_KINDS
+from core.evaluation.compare import (
     build_comparison,
     comparison_table,
     default_comparison_runs,
@@ -20,12 +22,10 @@ from core.compare import (
     paper_table,
     tested_on_same_images,
 )
-from core.config import MODEL_NAMES, PRECISIONS, PRESETS, DataSpec, TrainConfig
-from core.datasets import FORMATS, DatasetError, prepare_data
 from core.runs import RunStore, RunStoreError, default_runs_dir, is_ordinary_run, run_purpose
-from core.synthetic import CONFOUNDER_KINDS
-from core.training import resume_training, run_training
-from core.tuning import PRUNERS
+from core.training.callbacks import BatchProgress, EpochRecord, TrainingCallback
+from core.training.loop import resume_training, run_training
+from core.training.tuning import PRUNERS
 
 EXIT_BAD_INPUT = 2
 EXIT_RUN_FAILED = 1
@@ -301,7 +301,7 @@ def command_resume(args: argparse.Namespace) -> int:
 def command_tune(args: argparse.Namespace) -> int:
     import optuna
 
-    from core.tuning import run_study, trials_table
+    from core.training.tuning import run_study, trials_table
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # one line per trial below says enough
     config = config_from_args(args, args.model)
@@ -328,7 +328,7 @@ def command_tune(args: argparse.Namespace) -> int:
 
 
 def command_ablate(args: argparse.Namespace) -> int:
-    from core.ablation import component_cells, grid_cells, run_ablation
+    from core.training.ablation import component_cells, grid_cells, run_ablation
 
     base = config_from_args(args, "resnet18")
     spec = data_spec_from_args(args)
@@ -399,7 +399,7 @@ def command_compare(args: argparse.Namespace) -> int:
     print(f"operating point: {comparison.operating_point}", file=sys.stderr)
     print(format_table(paper_table(comparison), args.format))
     if args.report:
-        from core.report import write_html_report
+        from core.evaluation.report import write_html_report
 
         try:
             path = write_html_report(comparison, args.report)
@@ -416,8 +416,8 @@ def command_explain(args: argparse.Namespace) -> int:
     from PIL import Image
 
     from core.cams import CAM_METHODS, CamExplainer, explain_image, explanation_panels, load_trained_model
+    from core.data.images import ImageError, decode_image
     from core.figures import labelled_grid
-    from core.images import ImageError, decode_image
 
     if args.method not in CAM_METHODS:
         raise ValueError(f"unknown CAM method {args.method!r} (choose from {', '.join(CAM_METHODS)})")

@@ -8,8 +8,8 @@ import numpy as np
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from core.datasets import CLASS_NAMES
-from core.stats import format_p_value
+from core.data.datasets import CLASS_NAMES
+from core.evaluation.stats import format_p_value
 
 # Importing streamlit makes its own template plotly's default; its colours are placeholders such as
 # "#000033" that only Streamlit's front end resolves. Every figure names its template, so that a

@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import streamlit as st
 
-from core.ablation import AblationCell, completed_cells, component_cells, grid_cells, run_ablation
-from core.compare import build_comparison
-from core.estimates import TimeEstimate, WorkItem, estimate_runs, images_per_epoch
+from core.evaluation.compare import build_comparison
 from core.figures import grid_heatmap_figure, metric_bars_figure
+from core.training.ablation import AblationCell, completed_cells, component_cells, grid_cells, run_ablation
+from core.training.estimates import TimeEstimate, WorkItem, estimate_runs, images_per_epoch
 from pages.common import (
     SPLIT_RATIOS,
     confirm_long_work,

@@ -30,13 +30,13 @@ from core.audit.runner import (
     planned_steps,
     run_audit,
 )
-from core.compare import default_comparison_runs
 from core.config import DataSpec, TrainConfig
-from core.datasets import DatasetError, check_allowed
+from core.data.datasets import DatasetError, check_allowed
+from core.evaluation.compare import default_comparison_runs
 from core.figures import artefact_heatmap_figure, audit_localisation_figure, faithfulness_figure, randomisation_figure
-from core.jobs import Job
 from core.models import get_model_spec
 from core.runs import RunStore
+from core.training.jobs import Job
 from pages.common import (
     AUDIT_JOB,
     AUDIT_RUNS,

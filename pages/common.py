@@ -8,10 +8,10 @@ import dataclasses
 import streamlit as st
 
 from core.config import PRESETS, DataSpec, TrainConfig
-from core.datasets import PreparedData, prepare_data
-from core.jobs import Job, JobQueue, shared_queue
+from core.data.datasets import PreparedData, prepare_data
 from core.models import get_model_spec
 from core.runs import RunStore, default_runs_dir, run_label
+from core.training.jobs import Job, JobQueue, shared_queue
 
 # Session-state keys.
 ENTRYPOINT_RAN = "app.entrypoint_ran"  # set by streamlit_app.py on every run

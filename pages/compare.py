@@ -6,7 +6,8 @@ from __future__ import annotations
 import pandas as pd
 import streamlit as st
 
-from core.compare import (
+from core.data.datasets import DatasetError
+from core.evaluation.compare import (
     IMAGE_FILTERS,
     PAUC_NOTE,
     Comparison,
@@ -18,9 +19,8 @@ from core.compare import (
     filter_images,
     per_image_table,
 )
-from core.datasets import DatasetError
+from core.evaluation.report import report_html, shortfall_lines
 from core.figures import BRUSH, PICKED, disagreement_scatter, probability_spread_chart
-from core.report import report_html, shortfall_lines
 from core.runs import RunStore, is_ordinary_run, run_purpose
 from pages.common import (
     DATA_SPEC,

@@ -7,7 +7,7 @@ import pandas as pd
 import streamlit as st
 
 from core.config import DataSpec
-from core.datasets import (
+from core.data.datasets import (
     FORMATS,
     LOCAL_LAYOUTS,
     DatasetError,
@@ -15,8 +15,8 @@ from core.datasets import (
     UnrecognisedLayoutError,
     describe_given_split,
 )
+from core.data.synthetic import CONFOUNDER_KINDS
 from core.figures import class_counts_figure, outline_mask
-from core.synthetic import CONFOUNDER_KINDS
 from pages.common import (
     DATA_SPEC,
     SPLIT_RATIOS,

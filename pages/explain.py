@@ -34,14 +34,14 @@ from core.cams import (
     run_model_input,
     shared_scale_maximum,
 )
-from core.compare import default_comparison_runs
 from core.config import DataSpec, TrainConfig
-from core.datasets import DatasetError, PreparedData
+from core.data.datasets import DatasetError, PreparedData
+from core.data.images import ImageError, decode_image
+from core.evaluation.compare import default_comparison_runs
 from core.figures import colour_bar_figure, labelled_grid, localisation_bars_figure, pairwise_matrix_figure
-from core.images import ImageError, decode_image
-from core.jobs import BackgroundTask
 from core.models import get_model_spec
 from core.runs import RunStore, is_ordinary_run
+from core.training.jobs import BackgroundTask
 from pages.common import (
     DATA_SPEC,
     EXPLAIN_REQUEST,

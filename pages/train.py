@@ -10,11 +10,11 @@ import streamlit as st
 
 from core.config import DEVICES, MODEL_NAMES, PAPER_IMAGE_SIZE, PRECISIONS, SYNTHETIC_TRAIN_SIZE
 from core.figures import training_curves_figure
-from core.jobs import Job, QueueSnapshot
 from core.models import get_model_spec, pretrained_weights_available, weights_download_possible
-from core.precision import live_contention_warning
 from core.runs import run_purpose
-from core.training import ResumeError
+from core.training.jobs import Job, QueueSnapshot
+from core.training.loop import ResumeError
+from core.training.precision import live_contention_warning
 from pages.common import (
     LIVE_FIGURE,
     PENDING_DELETE,

@@ -8,11 +8,11 @@ import optuna
 import streamlit as st
 
 from core.config import MODEL_NAMES, TrainConfig
-from core.datasets import prepare_data
-from core.estimates import TimeEstimate, WorkItem, estimate_runs
-from core.jobs import QueueSnapshot
+from core.data.datasets import prepare_data
 from core.models import get_model_spec
-from core.tuning import (
+from core.training.estimates import TimeEstimate, WorkItem, estimate_runs
+from core.training.jobs import QueueSnapshot
+from core.training.tuning import (
     MIN_TRIALS_FOR_IMPORTANCE,
     PRUNERS,
     default_storage,

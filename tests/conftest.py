@@ -90,9 +90,9 @@ def five_runs(runs_dir):
     import dataclasses
 
     from core.config import DataSpec, TrainConfig
-    from core.datasets import prepare_data
+    from core.data.datasets import prepare_data
     from core.runs import RunStore
-    from core.training import run_training
+    from core.training.loop import run_training
 
     store = RunStore(runs_dir)
     config = TrainConfig(epochs=2, batch_size=16, image_size=32, pretrained=False, precision="fp32")

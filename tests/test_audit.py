@@ -15,10 +15,10 @@ from core.audit.store import sanity_verdict, stored_results
 from core.cams import explainer_for_run, load_trained_model
 from core.cli import main
 from core.config import DataSpec, TrainConfig
-from core.datasets import prepare_data
+from core.data.datasets import prepare_data
 from core.models import MODEL_REGISTRY, build_model
 from core.runs import RunStore, _json_safe
-from core.training import run_training
+from core.training.loop import run_training
 from tests.conftest import TINY_CONFIG, TINY_SYNTHETIC
 
 # Small enough to train in about half a minute per model on two cores, large enough for Hybrid S-ResNet to

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from core.audit.artefacts import ARTEFACT_KINDS, ARTEFACT_NAMES, border_band, paste_artefact
-from core.synthetic import INK_COLOURS, generate_synthetic
+from core.data.synthetic import INK_COLOURS, generate_synthetic
 
 SIZES = (32, 96)
 IMAGES = 6

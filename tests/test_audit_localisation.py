@@ -21,7 +21,7 @@ from core.audit.localisation import (
     top_k_intersection,
 )
 from core.cams import pointing_game_hit
-from core.images import decode_image
+from core.data.images import decode_image
 
 
 def reference_package(name: str, install: str):

@@ -1,6 +1,6 @@
 import torch
 
-from core.augment import AugmentSettings, augment_batch, normalise
+from core.data.augment import AugmentSettings, augment_batch, normalise
 
 
 def test_shapes_range_and_reproducibility():

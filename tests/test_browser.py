@@ -151,7 +151,7 @@ def test_ten_sessions_at_once_on_explain_and_compare(five_runs, runs_dir, tmp_pa
 
     from playwright.async_api import async_playwright
 
-    from core.compare import build_comparison, default_comparison_runs
+    from core.evaluation.compare import build_comparison, default_comparison_runs
 
     runs = default_comparison_runs(five_runs.list_runs())
     expected_csv = build_comparison(five_runs, runs).table.to_csv(index=False, float_format="%.4f")

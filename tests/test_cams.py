@@ -25,9 +25,9 @@ from core.cams import (
     top_share_iou,
 )
 from core.cli import main
-from core.datasets import prepare_data
+from core.data.datasets import prepare_data
 from core.models import MODEL_REGISTRY, build_model
-from core.training import run_training
+from core.training.loop import run_training
 from tests.conftest import TINY_CONFIG, TINY_SYNTHETIC, write_crafted_pickle
 
 APP = str(Path(__file__).resolve().parents[1] / "streamlit_app.py")
@@ -212,14 +212,14 @@ def test_explain_page_bad_uploads(trained, monkeypatch, content, message):
     uploader = app.get("file_uploader")
     assert uploader, "an upload widget is shown"
     # AppTest cannot drive st.file_uploader; the decoding path it uses is tested directly instead.
-    from core.images import ImageError, decode_image
+    from core.data.images import ImageError, decode_image
 
     with pytest.raises(ImageError):
         decode_image(io.BytesIO(content), 64)
 
 
 def test_grayscale_and_rgba_uploads_decode(tmp_path):
-    from core.images import decode_image
+    from core.data.images import decode_image
 
     for mode in ("L", "RGBA"):
         buffer = io.BytesIO()

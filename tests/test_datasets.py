@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 
 from core.config import DataSpec
-from core.datasets import DatasetError, detect_format, prepare_data, read_table
+from core.data.datasets import DatasetError, detect_format, prepare_data, read_table
 from tests.conftest import TINY_CONFIG, TINY_SYNTHETIC, write_image
 
 

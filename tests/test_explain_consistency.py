@@ -23,10 +23,10 @@ from core.cams import (
     run_precision,
 )
 from core.config import DataSpec, TrainConfig
-from core.datasets import prepare_data
+from core.data.datasets import prepare_data
 from core.models import MODEL_REGISTRY
 from core.runs import RunStore
-from core.training import run_training
+from core.training.loop import run_training
 from tests.conftest import TINY_CONFIG
 
 APP = str(Path(__file__).resolve().parents[1] / "streamlit_app.py")
@@ -60,8 +60,8 @@ def bf16_runs(fp32_runs, tmp_path_factory):
     import torch
 
     from core.cams import load_trained_model
-    from core.precision import ExecutionPlan
-    from core.training import TensorData, _final_metrics
+    from core.training.loop import TensorData, _final_metrics
+    from core.training.precision import ExecutionPlan
 
     store, runs = fp32_runs
     bf16_store = RunStore(tmp_path_factory.mktemp("consistency-bf16") / "runs")
@@ -132,7 +132,7 @@ def test_a_run_input_must_come_from_the_runs_own_preparation(fp32_runs):
 def test_uploads_and_resizes_go_through_the_dataset_caches_own_functions(tmp_path, fp32_runs):
     """An upload is decoded at each model's size as the dataset cache decodes a file, and `resize_image`
     resamples as the synthetic set's cache does, pixel for pixel."""
-    from core.synthetic import generate_synthetic
+    from core.data.synthetic import generate_synthetic
 
     store, _ = fp32_runs
     drawn = generate_synthetic(count=SPEC.synthetic_count, image_size=64, seed=SPEC.synthetic_seed)

@@ -10,8 +10,8 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from core.config import DataSpec
-from core.datasets import DatasetError, read_table
-from core.images import ImageError, decode_image
+from core.data.datasets import DatasetError, read_table
+from core.data.images import ImageError, decode_image
 
 FUZZ = settings(max_examples=60, deadline=2000, suppress_health_check=[HealthCheck.function_scoped_fixture])
 

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from core.images import ImageError, decode_image, decode_images_cached, to_rgb
+from core.data.images import ImageError, decode_image, decode_images_cached, to_rgb
 from tests.conftest import write_image
 
 
@@ -64,8 +64,8 @@ def test_decode_cache_skips_bad_files_and_is_reused(tmp_path, monkeypatch):
     assert decoded.images.shape == (3, 16, 16, 3)
     assert decoded.kept.tolist() == [0, 2, 3]
     assert decoded.skipped[0][0] == 1
-    import core.images
+    import core.data.images
 
-    monkeypatch.setattr(core.images, "decode_image", lambda *a: pytest.fail("decoded again"))
+    monkeypatch.setattr(core.data.images, "decode_image", lambda *a: pytest.fail("decoded again"))
     again = decode_images_cached(paths, 16, tmp_path / "cache")
     assert np.array_equal(again.images, decoded.images)

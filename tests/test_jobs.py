@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from core.jobs import JobQueue
+from core.training.jobs import JobQueue
 from tests.conftest import TINY_CONFIG, TINY_SYNTHETIC
 
 
@@ -94,7 +94,7 @@ def test_snapshots_are_copies(queue):
 def test_background_task_reports_progress_result_errors_and_stop():
     import threading as threading_module
 
-    from core.jobs import BackgroundTask
+    from core.training.jobs import BackgroundTask
 
     release = threading_module.Event()
 
@@ -124,7 +124,7 @@ def test_background_task_reports_progress_result_errors_and_stop():
 
 
 def test_a_stopped_run_is_resumed_through_the_queue(queue, store):
-    from core.training import ResumeError
+    from core.training.loop import ResumeError
 
     queue.submit([dataclasses.replace(TINY_CONFIG, epochs=200)], TINY_SYNTHETIC)
     wait_for(lambda: (job := queue.snapshot().current) is not None and len(job.history) >= 1)
@@ -149,7 +149,7 @@ def test_a_stopped_run_is_resumed_through_the_queue(queue, store):
 
 def waiting_task(steps=()):
     """A study's task without training: reports its steps and one batch, then waits to be stopped."""
-    from core.callbacks import BatchProgress
+    from core.training.callbacks import BatchProgress
 
     def task(stop, callback):
         for step in steps:
@@ -162,7 +162,7 @@ def waiting_task(steps=()):
 
 
 def test_a_study_reports_its_step_kind_and_title_through_the_queue(queue):
-    from core.estimates import StepProgress, WorkItem
+    from core.training.estimates import StepProgress, WorkItem
 
     work = WorkItem(2, 100)
     steps = [StepProgress("trial", 1, 3, current=work, later=(work, work)),

@@ -131,9 +131,9 @@ def test_a_stopped_run_resumes_from_the_train_page(app, tmp_path):
     import dataclasses
     import threading
 
-    from core.datasets import prepare_data
+    from core.data.datasets import prepare_data
     from core.runs import RunStore
-    from core.training import run_training
+    from core.training.loop import run_training
     from tests.conftest import TINY_CONFIG
     from tests.test_resume import StopAfterEpoch
 

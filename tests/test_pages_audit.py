@@ -12,12 +12,12 @@ import core.audit.maps
 import core.audit.runner
 from core.audit.runner import AuditSettings, run_audit
 from core.audit.store import AUDIT_FOLDER, save_result
-from core.compare import build_comparison
-from core.datasets import prepare_data
-from core.jobs import shared_queue
-from core.report import report_html
+from core.data.datasets import prepare_data
+from core.evaluation.compare import build_comparison
+from core.evaluation.report import report_html
 from core.runs import RunStore
-from core.training import run_training
+from core.training.jobs import shared_queue
+from core.training.loop import run_training
 from pages.common import AUDIT_RUNS
 from tests.conftest import TINY_CONFIG, TINY_SYNTHETIC
 

@@ -10,10 +10,10 @@ import optuna
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from core.estimates import StepProgress, WorkItem
-from core.jobs import shared_queue
 from core.runs import RunStore
-from core.tuning import default_storage
+from core.training.estimates import StepProgress, WorkItem
+from core.training.jobs import shared_queue
+from core.training.tuning import default_storage
 from pages.common import DATA_SPEC, VALUE_PREFIX
 from tests.conftest import TINY_CONFIG, TINY_SYNTHETIC
 from tests.test_pages import TINY_VALUES

@@ -11,12 +11,12 @@ import pytest
 import streamlit as st
 from streamlit.testing.v1 import AppTest
 
-from core.callbacks import BatchProgress
 from core.config import DataSpec, TrainConfig
-from core.datasets import EXPECTED_LAYOUTS, DatasetError, describe_given_split, detect_format, prepare_data
+from core.data.datasets import EXPECTED_LAYOUTS, DatasetError, describe_given_split, detect_format, prepare_data
 from core.models import cached_imagenet_path, get_model_spec
-from core.precision import contention_warning, live_contention_warning, timed_images_per_second
 from core.runs import RunStore
+from core.training.callbacks import BatchProgress
+from core.training.precision import contention_warning, live_contention_warning, timed_images_per_second
 from pages.common import DATA_SPEC, VALUE_PREFIX
 from tests.conftest import TINY_SYNTHETIC, write_image
 from tests.test_pages import open_page
@@ -217,12 +217,12 @@ def test_given_split_is_described_only_when_the_dataset_gives_one(tmp_path):
 def test_a_lone_precision_candidate_is_timed_so_live_speed_has_a_reference(tmp_path, monkeypatch):
     import torch
 
-    import core.precision
+    import core.training.precision
     from core.environment import describe_environment
     from core.models import build_model
-    from core.precision import choose_execution_plan
+    from core.training.precision import choose_execution_plan
 
-    monkeypatch.setattr(core.precision, "bf16_supported", lambda device: False)  # a CPU without bfloat16
+    monkeypatch.setattr(core.training.precision, "bf16_supported", lambda device: False)  # a CPU without bfloat16
     config = TrainConfig(model="resnet18", batch_size=4, image_size=32, precision="auto")
     model, _ = build_model("resnet18", pretrained=False)
     plan = choose_execution_plan(model, config, torch.device("cpu"), tmp_path)

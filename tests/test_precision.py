@@ -3,7 +3,7 @@ import dataclasses
 import torch
 
 from core.models import build_model
-from core.precision import choose_execution_plan
+from core.training.precision import choose_execution_plan
 from tests.conftest import TINY_CONFIG
 
 

@@ -4,9 +4,9 @@ import dataclasses
 
 import pytest
 
-from core.callbacks import BatchProgress
 from core.config import DataSpec
-from core.estimates import (
+from core.training.callbacks import BatchProgress
+from core.training.estimates import (
     ROUGH_OVERHEAD_SECONDS,
     ROUGH_RATES_224,
     StepProgress,
@@ -18,7 +18,7 @@ from core.estimates import (
     run_throughput,
     seconds_left,
 )
-from core.jobs import Job
+from core.training.jobs import Job
 from tests.conftest import TINY_CONFIG
 
 # Epoch 2 of 5, batch 14 of 40: 54 of 200 batches done, 120 s left in this run.

@@ -9,10 +9,10 @@ import threading
 import pytest
 import torch
 
-from core.callbacks import TrainingCallback
-from core.datasets import prepare_data
+from core.data.datasets import prepare_data
 from core.runs import RESUME_FILE
-from core.training import ResumeError, resume_training, run_training
+from core.training.callbacks import TrainingCallback
+from core.training.loop import ResumeError, resume_training, run_training
 from tests.conftest import TINY_CONFIG, TINY_SYNTHETIC, write_crafted_pickle
 
 CONFIG = dataclasses.replace(TINY_CONFIG, model="hybrid_sresnet", epochs=3)

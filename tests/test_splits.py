@@ -1,7 +1,7 @@
 import numpy as np
 import pandas as pd
 
-from core.splits import assign_splits, pick_groups, subsample
+from core.data.splits import assign_splits, pick_groups, subsample
 
 
 def table(count=200, malignant_share=0.3, group_size=1):

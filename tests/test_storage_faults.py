@@ -13,9 +13,9 @@ import subprocess
 import pytest
 
 from core.cli import main
-from core.datasets import prepare_data
+from core.data.datasets import prepare_data
 from core.runs import RunStore
-from core.training import run_training
+from core.training.loop import run_training
 from tests.conftest import TINY_CONFIG, TINY_SYNTHETIC
 
 pytestmark = pytest.mark.slow

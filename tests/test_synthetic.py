@@ -1,6 +1,6 @@
 import numpy as np
 
-from core.synthetic import generate_synthetic, load_or_generate_synthetic
+from core.data.synthetic import generate_synthetic, load_or_generate_synthetic
 
 
 def test_same_seed_gives_identical_images():

@@ -6,11 +6,11 @@ import pandas as pd
 import pytest
 import torch
 
-import core.training
-from core.callbacks import TrainingCallback
-from core.datasets import prepare_data
+import core.training.loop
+from core.data.datasets import prepare_data
 from core.runs import STATUSES
-from core.training import run_training
+from core.training.callbacks import TrainingCallback
+from core.training.loop import run_training
 from tests.conftest import TINY_CONFIG, TINY_SYNTHETIC
 
 RUN_KEYS = {"run_id", "model", "config", "dataset", "weights", "status", "history", "metrics", "environment"}
@@ -101,7 +101,7 @@ def test_non_finite_loss_ends_as_diverged(tiny_data, store, monkeypatch):
         def forward(self, logits, targets):
             return super().forward(logits, targets) * float("nan")
 
-    monkeypatch.setattr(core.training.nn, "CrossEntropyLoss", NanLoss)
+    monkeypatch.setattr(core.training.loop.nn, "CrossEntropyLoss", NanLoss)
     run = run_training(TINY_CONFIG, tiny_data, store)
     assert run["status"] == "diverged"
     assert "diverged" in run["error"] and "learning rate" in run["error"]
@@ -111,7 +111,7 @@ def test_a_crash_is_stored_as_failed(tiny_data, store, monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("out of memory")
 
-    monkeypatch.setattr(core.training, "train_one_epoch", broken)
+    monkeypatch.setattr(core.training.loop, "train_one_epoch", broken)
     run = run_training(TINY_CONFIG, tiny_data, store)
     assert run["status"] == "failed" and "out of memory" in run["error"]
     assert (store.root / run["run_id"] / "traceback.txt").exists()
@@ -120,7 +120,7 @@ def test_a_crash_is_stored_as_failed(tiny_data, store, monkeypatch):
 
 def test_best_epoch_is_chosen_on_validation_not_test(tiny_data, store, monkeypatch):
     aucs = iter([0.9, 0.6, 0.7])
-    monkeypatch.setattr(core.training, "safe_auc", lambda labels, probabilities: next(aucs))
+    monkeypatch.setattr(core.training.loop, "safe_auc", lambda labels, probabilities: next(aucs))
     run = run_training(dataclasses.replace(TINY_CONFIG, epochs=3), tiny_data, store)
     assert run["best_epoch"] == 1
 

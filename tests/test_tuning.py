@@ -5,10 +5,10 @@ import dataclasses
 import optuna
 import pytest
 
-from core.ablation import component_cells, grid_cells, run_ablation
 from core.cli import main
-from core.datasets import prepare_data
-from core.tuning import parallel_coordinates_figure, readable_trials_table, run_study, trials_table
+from core.data.datasets import prepare_data
+from core.training.ablation import component_cells, grid_cells, run_ablation
+from core.training.tuning import parallel_coordinates_figure, readable_trials_table, run_study, trials_table
 from tests.conftest import TINY_CONFIG, TINY_SYNTHETIC
 
 TWO_EPOCHS = dataclasses.replace(TINY_CONFIG, epochs=2)
@@ -65,8 +65,8 @@ def test_bad_trials_are_pruned_after_an_epoch(tiny_data, store):
 def test_a_trial_cut_by_the_studys_stop_reads_stopped(tiny_data, store):
     import threading
 
-    from core.callbacks import TrainingCallback
-    from core.tuning import describe_parameters
+    from core.training.callbacks import TrainingCallback
+    from core.training.tuning import describe_parameters
 
     stop = threading.Event()
 
@@ -102,7 +102,7 @@ def test_component_ablation_runs_each_step_once(store):
 def test_an_interrupted_ablation_cell_continues_from_its_last_epoch(store):
     import threading
 
-    from core.callbacks import TrainingCallback
+    from core.training.callbacks import TrainingCallback
 
     cells = component_cells(dataclasses.replace(TINY_CONFIG, epochs=3))[:1]
     stop = threading.Event()

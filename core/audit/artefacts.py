@@ -9,7 +9,7 @@ artefact onto benign images and measures how much P(malignant) rises. So that th
 the artefact, it never covers the lesion: with a lesion mask it keeps off the (slightly dilated) lesion,
 without one it stays in the image's border band, where dark corners and rulers lie anyway.
 
-The ink mark, ruler, hair and dark corners come from the same code as the synthetic set's own (core.synthetic),
+The ink mark, ruler, hair and dark corners come from the same code as the synthetic set's own (core.data.synthetic),
 so a model that learnt the synthetic ink or ruler confounder meets the very thing it learnt.
 Everything is deterministic given the random generator; the input image is never modified.
 """
@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
-from core.synthetic import hair_strands, ink_stroke, ruler_strip, ruler_width, unit_grid, vignette_light
+from core.data.synthetic import hair_strands, ink_stroke, ruler_strip, ruler_width, unit_grid, vignette_light
 
 ARTEFACT_KINDS = ("ink", "ruler", "dark_corners", "gel_bubble", "hair")
 ARTEFACT_NAMES = {"ink": "Ink marking", "ruler": "Ruler", "dark_corners": "Dark corners", "gel_bubble": "Gel bubble",
@@ -54,7 +54,7 @@ class _Field:
     grid: tuple[np.ndarray, np.ndarray]
     allowed: np.ndarray  # size x size bool: outside the dilated lesion, or the border band
     preferred: np.ndarray  # allowed and lit: hair, ink or a bubble in the black outside the field would not show
-    centre: np.ndarray  # the lesion's centre and radius in unit-grid coordinates (as core.synthetic draws them)
+    centre: np.ndarray  # the lesion's centre and radius in unit-grid coordinates (as core.data.synthetic draws them)
     radius: float
 
 

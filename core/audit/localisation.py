@@ -1,7 +1,7 @@
 """How well a class activation map localises the lesion, measured against a lesion mask.
 
 Every measure compares one H x W map with one H x W 0/1 mask of the same size (the mask decoded with
-`load_masks`, squashed to the map's size exactly as `core.images.decode_image` squashes the image).
+`load_masks`, squashed to the map's size exactly as `core.data.images.decode_image` squashes the image).
 The measures and where they come from:
 
 - energy inside (the dashboard's `core.cams.energy_inside`) and Relevance Mass Accuracy (Arras, Osman,
@@ -28,7 +28,7 @@ from PIL import Image
 from scipy import ndimage
 
 from core.cams import energy_inside
-from core.images import ImageError, decode_mask
+from core.data.images import ImageError, decode_mask
 
 MEASURES = ("energy_inside", "pointing_game", "relevance_mass", "relevance_rank", "top_iou", "lesion_area")
 
@@ -187,7 +187,7 @@ class Masks(dict):
 def load_masks(masks_dir: str | Path, image_ids: Iterable[str], size: int) -> Masks:
     """The lesion masks of the images that have one (file names: `find_mask_files`), each a size x size
     uint8 array of 0/1. A mask of any size or aspect is squashed to size x size with a plain resize, no
-    crop, as `core.images.decode_image` squashes the image, so mask and image pixels correspond.
+    crop, as `core.data.images.decode_image` squashes the image, so mask and image pixels correspond.
 
     Returns a `Masks` dict; unreadable mask files are left out and listed in its `skipped` attribute.
     Raises ValueError (one line) when the folder does not exist, or when none of its masks matches any

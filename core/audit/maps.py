@@ -12,8 +12,8 @@ import cv2
 import numpy as np
 import torch
 
-from core.augment import normalise
 from core.cams import CAM_METHODS, CamExplainer
+from core.data.augment import normalise
 
 CONTROL_METHODS = {"edges": "Image edges (control: ignores the model)"}
 AUDIT_METHODS = (*CAM_METHODS, *CONTROL_METHODS)

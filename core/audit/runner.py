@@ -23,9 +23,9 @@ from core.audit.randomisation import DEFAULT_STEPS, randomisation_check
 from core.audit.shortcuts import artefact_test
 from core.cams import explainer_for_run, load_trained_model
 from core.config import DataSpec, TrainConfig
-from core.datasets import PreparedData, check_allowed, prepare_data
+from core.data.datasets import PreparedData, check_allowed, prepare_data
+from core.evaluation.stats import mean_interval
 from core.runs import RunStore
-from core.stats import mean_interval
 
 CHECKS = ("randomisation", "artefacts", "localisation", "faithfulness")
 CHECK_NAMES = {"randomisation": "Randomisation sanity check", "artefacts": "Artefact (shortcut) test",

@@ -213,7 +213,7 @@ def estimate_audit_seconds(store: RunStore, runs: list[dict], settings: AuditSet
 
 def describe_plan(store: RunStore, runs: list[dict], settings: AuditSettings) -> str:
     """One line before an audit is queued: its steps and, when earlier audits timed them, how long."""
-    from core.estimates import format_duration
+    from core.training.estimates import format_duration
 
     steps = planned_steps(runs, settings)
     line = (f"{len(runs)} run(s) × {len(settings.methods)} method(s), {len(settings.checks)} check(s) on "

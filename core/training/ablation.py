@@ -9,12 +9,12 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from core.callbacks import TrainingCallback
 from core.config import DataSpec, TrainConfig
-from core.datasets import PreparedData, prepare_data
-from core.estimates import StepProgress, WorkItem, images_per_epoch
+from core.data.datasets import PreparedData, prepare_data
 from core.runs import RunStore
-from core.training import ResumeError, resume_training, run_training
+from core.training.callbacks import TrainingCallback
+from core.training.estimates import StepProgress, WorkItem, images_per_epoch
+from core.training.loop import ResumeError, resume_training, run_training
 
 
 @dataclass(frozen=True)

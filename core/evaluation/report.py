@@ -9,7 +9,7 @@ from pathlib import Path
 from core.audit import summary
 from core.audit.outputs import artefact_table, faithfulness_table, localisation_table, randomisation_table
 from core.audit.runner import CHECK_NAMES, latest_stored_audit
-from core.compare import (
+from core.evaluation.compare import (
     PAUC_NOTE,
     Comparison,
     best_in_column,

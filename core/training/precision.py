@@ -19,9 +19,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from core.callbacks import BatchProgress
 from core.config import TrainConfig
 from core.environment import device_name
+from core.training.callbacks import BatchProgress
 
 
 @dataclass

@@ -20,13 +20,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from core.callbacks import BatchProgress, EpochRecord, TrainingCallback
 from core.config import DataSpec, TrainConfig
-from core.datasets import PreparedData, prepare_data
-from core.estimates import StepProgress, format_duration, seconds_left
+from core.data.datasets import PreparedData, prepare_data
 from core.models import get_model_spec
 from core.runs import RunStore
-from core.training import ResumeError, recorded_data_spec, resume_training, run_training
+from core.training.callbacks import BatchProgress, EpochRecord, TrainingCallback
+from core.training.estimates import StepProgress, format_duration, seconds_left
+from core.training.loop import ResumeError, recorded_data_spec, resume_training, run_training
 
 ACTIVE_STATES = ("queued", "preparing", "running")
 # What a job does, and so which page owns it (may stop it): runs, a tuning study, an ablation, an audit.

@@ -18,12 +18,12 @@ from dataclasses import dataclass
 import optuna
 import pandas as pd
 
-from core.callbacks import EpochRecord, TrainingCallback
 from core.config import TrainConfig
-from core.datasets import PreparedData
-from core.estimates import StepProgress, WorkItem
+from core.data.datasets import PreparedData
 from core.runs import RunStore
-from core.training import run_training
+from core.training.callbacks import EpochRecord, TrainingCallback
+from core.training.estimates import StepProgress, WorkItem
+from core.training.loop import run_training
 
 PRUNERS = ("median", "percentile", "hyperband", "none")
 # fANOVA importances from fewer finished trials are noise that looks like a finding.

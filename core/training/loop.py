@@ -24,15 +24,15 @@ import pandas as pd
 import torch
 from torch import nn
 
-from core.augment import augment_batch, normalise, to_unit_float
-from core.callbacks import BatchProgress, CallbackList, EpochRecord, TrainingCallback
 from core.config import DataSpec, TrainConfig
-from core.datasets import PreparedData, prepare_data
+from core.data.augment import augment_batch, normalise, to_unit_float
+from core.data.datasets import PreparedData, prepare_data
 from core.environment import describe_environment, select_device
-from core.metrics import compute_metrics, safe_auc
+from core.evaluation.metrics import compute_metrics, safe_auc
 from core.models import build_model
-from core.precision import ExecutionPlan, choose_execution_plan
 from core.runs import RESUMABLE_STATUSES, RunFolder, RunStore, claimed_for_resume, remove_partial_writes
+from core.training.callbacks import BatchProgress, CallbackList, EpochRecord, TrainingCallback
+from core.training.precision import ExecutionPlan, choose_execution_plan
 
 
 class DivergedError(RuntimeError):

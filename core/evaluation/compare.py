@@ -12,10 +12,8 @@ from sklearn.metrics import average_precision_score
 
 from core import figures
 from core.config import MODEL_NAMES
-from core.metrics import compute_metrics, precision_recall_curve, predict_labels, roc_curve
-from core.models import get_model_spec
-from core.runs import RunStore, is_ordinary_run
-from core.stats import (
+from core.evaluation.metrics import compute_metrics, precision_recall_curve, predict_labels, roc_curve
+from core.evaluation.stats import (
     DEFAULT_RESAMPLES,
     DEFAULT_SEED,
     bootstrap_metrics,
@@ -26,6 +24,8 @@ from core.stats import (
     partial_auc_above_sensitivity,
     threshold_for_sensitivity,
 )
+from core.models import get_model_spec
+from core.runs import RunStore, is_ordinary_run
 
 # (column title, metrics block, metric name)
 COMPARISON_COLUMNS = (

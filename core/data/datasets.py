@@ -1,7 +1,7 @@
 """Dataset formats, their detection, and preparing a dataset for training.
 
 Every format is read into one table with the columns of `TABLE_COLUMNS`; labels are 0 = benign,
-1 = malignant everywhere. Images are then decoded once into a uint8 cache (see core.images).
+1 = malignant everywhere. Images are then decoded once into a uint8 cache (see core.data.images).
 """
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ import numpy as np
 import pandas as pd
 
 from core.config import DataSpec, TrainConfig
-from core.images import IMAGE_SUFFIXES, ImageError, decode_images_cached, decode_mask
-from core.splits import assign_splits, split_fingerprint, subsample
-from core.synthetic import load_or_generate_synthetic
+from core.data.images import IMAGE_SUFFIXES, ImageError, decode_images_cached, decode_mask
+from core.data.splits import assign_splits, split_fingerprint, subsample
+from core.data.synthetic import load_or_generate_synthetic
 
 FORMATS = ("synthetic", "imagefolder", "ham10000", "csv")
 TABLE_COLUMNS = ("image_id", "label", "group", "preset_split", "path", "mask_path")
@@ -264,7 +264,7 @@ def prepare_data(
 
 def describe_given_split(data: PreparedData, config: TrainConfig) -> str | None:
     """Where validation and test come from when the dataset gives part of its split (a CSV's split
-    column, val/ or test/ folders), as core.splits.assign_splits does it; None when it gives none."""
+    column, val/ or test/ folders), as core.data.splits.assign_splits does it; None when it gives none."""
     preset = data.table["preset_split"].fillna("").astype(str)
     val_given, test_given = (preset == "val").any(), (preset == "test").any()
     if not (val_given or test_given):

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from core.callbacks import BatchProgress
 from core.config import TrainConfig
 from core.runs import RunStore
+from core.training.callbacks import BatchProgress
 
 # Training images per second at 224 px on the 2-core CPU of docs/PERFORMANCE.md (the engine's figures).
 # Only used when no run of the model has been recorded yet, and always labelled as rough.

@@ -14,7 +14,7 @@ import numpy as np
 from scipy import stats as scipy_stats
 from sklearn import metrics as skm
 
-from core.metrics import METRIC_NAMES, compute_metrics
+from core.evaluation.metrics import METRIC_NAMES, compute_metrics
 
 DEFAULT_RESAMPLES = 2000
 DEFAULT_SEED = 0

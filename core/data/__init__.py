@@ -1,0 +1,2 @@
+"""Data: dataset formats and their detection, the synthetic demo set, decoding and caching images,
+splits, and augmentation."""

@@ -1,0 +1,2 @@
+"""Evaluation: metrics, statistics (bootstrap intervals, DeLong, McNemar, calibration), comparing runs,
+and the HTML report."""
