@@ -168,19 +168,20 @@ def test_ten_sessions_at_once_on_explain_and_compare(five_runs, runs_dir, tmp_pa
 
     async def download(page, name: str) -> bytes:
         async with page.expect_download(timeout=120_000) as event:
-            await page.get_by_role("button", name=name).click()
+            await page.get_by_role("button", name=name).click(timeout=300_000)
         return Path(await (await event.value).path()).read_bytes()
 
     async def session(browser) -> tuple[bytes, str]:
+        # Ten sessions share two cores: every step may wait long (Playwright's own default is 30 s).
         context = await browser.new_context(viewport={"width": 1400, "height": 1800}, accept_downloads=True)
         page = await context.new_page()
-        await page.goto(url)
+        await page.goto(url, timeout=300_000)
         await page.get_by_role("heading", name="Data", level=1).wait_for(timeout=120_000)
-        await page.locator("[data-testid='stSidebarNav'] a", has_text="Explain").first.click()
+        await page.locator("[data-testid='stSidebarNav'] a", has_text="Explain").first.click(timeout=300_000)
         await page.get_by_text("Download the figure").wait_for(timeout=300_000)
         assert await page.locator("[data-testid='stException']").count() == 0
         figure = await download(page, "Download the figure (PNG)")
-        await page.locator("[data-testid='stSidebarNav'] a", has_text="Compare").first.click()
+        await page.locator("[data-testid='stSidebarNav'] a", has_text="Compare").first.click(timeout=300_000)
         await page.locator(".js-plotly-plot").nth(9).wait_for(timeout=300_000)
         assert await page.locator("[data-testid='stException']").count() == 0
         table = (await download(page, "Table as CSV")).decode()
