@@ -434,9 +434,10 @@ def energy_inside(cam: np.ndarray, mask: np.ndarray) -> float:
 
 
 def pointing_game_hit(cam: np.ndarray, mask: np.ndarray) -> bool:
-    """Whether the map's maximum falls inside the lesion mask."""
-    row, column = np.unravel_index(int(np.argmax(cam)), cam.shape)
-    return bool(mask[row, column] > 0)
+    """Whether the map's maximum falls inside the lesion mask; when several pixels share the maximum, a hit
+    if any of them is inside (quantus' PointingGame counts it so; the first one in row order would make
+    the answer depend on where the lesion lies)."""
+    return bool((mask[cam == cam.max()] > 0).any())
 
 
 @dataclass

@@ -27,7 +27,7 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
-from core.cams import energy_inside
+from core.cams import energy_inside, pointing_game_hit
 from core.data.images import ImageError, decode_mask
 
 MEASURES = ("energy_inside", "pointing_game", "relevance_mass", "relevance_rank", "top_iou", "lesion_area")
@@ -71,10 +71,8 @@ def localisation_measures(cam: np.ndarray, mask: np.ndarray, top_share: float = 
     cam: H x W map (a CAM is >= 0, any magnitude; signed maps are accepted); mask: H x W, lesion > 0.
 
     - energy_inside: share of the map's sum inside the mask (`core.cams.energy_inside`).
-    - pointing_game: 1.0 when the map's maximum falls inside the mask, else 0.0. Ties: when several
-      pixels share the maximum, it is a hit if ANY of them is inside the mask, as quantus' PointingGame
-      counts it (`core.cams.pointing_game_hit` takes the first maximum in row-major order instead; the
-      two differ only on tied maxima).
+    - pointing_game: 1.0 when the map's maximum falls inside the mask, else 0.0 (`core.cams.pointing_game_hit`:
+      a tied maximum counts as a hit if any of its pixels is inside, as in quantus' PointingGame).
     - relevance_mass: Relevance Mass Accuracy (Arras et al. 2022), positive relevance inside the mask
       over all positive relevance, i.e. computed on max(map, 0). For a non-negative map such as a CAM it
       is exactly energy_inside: the key is kept for the name readers know from the literature, and it
@@ -109,7 +107,7 @@ def localisation_measures(cam: np.ndarray, mask: np.ndarray, top_share: float = 
         measures["relevance_mass"] = float(positive[inside].sum()) / positive_total
     if cam.max() == cam.min():
         return measures
-    measures["pointing_game"] = float(inside[cam == cam.max()].any())
+    measures["pointing_game"] = float(pointing_game_hit(cam, inside))
     measures["relevance_rank"] = _top_inside(cam, inside, lesion_pixels) / lesion_pixels
     top_count = max(1, math.ceil(top_share * cam.size - 1e-9))
     intersection = _top_inside(cam, inside, top_count)
