@@ -9,7 +9,7 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from core.data.datasets import CLASS_NAMES
-from core.evaluation.stats import format_p_value
+from core.evaluation.stats import format_interval, format_p_value
 
 # Importing streamlit makes its own template plotly's default; its colours are placeholders such as
 # "#000033" that only Streamlit's front end resolves. Every figure names its template, so that a
@@ -436,13 +436,6 @@ def randomisation_figure(table, fail_threshold: float = 0.5) -> go.Figure:
 AUDIT_COLOURS = ("#3b6ea5", "#b5483b", "#4c9a8a", "#a57a3b", "#6a4ca5", "#777777", "#c06090", "#2e7a3b", "#000000")
 
 
-def _interval_text(value, low, high, digits: int = 2, signed: bool = False) -> str:
-    if value is None or not np.isfinite(value):
-        return "--"
-    sign = "+" if signed else ""
-    return f"{value:{sign}.{digits}f}<br>[{low:{sign}.{digits}f}, {high:{sign}.{digits}f}]"
-
-
 @templated
 def artefact_heatmap_figure(table) -> go.Figure:
     """Models x artefacts: the mean change in P(malignant) of benign images when the artefact is pasted
@@ -451,7 +444,8 @@ def artefact_heatmap_figure(table) -> go.Figure:
     kinds = list(dict.fromkeys(table["Artefact"]))
     cell = {(row.Model, row.Artefact): row for row in table.itertuples()}
     values = np.array([[cell[(m, k)].mean_change if (m, k) in cell else np.nan for k in kinds] for m in models])
-    text = [[_interval_text(cell[(m, k)].mean_change, cell[(m, k)].low, cell[(m, k)].high, signed=True)
+    text = [[format_interval(cell[(m, k)].mean_change, cell[(m, k)].low, cell[(m, k)].high, 2, signed=True)
+             .replace(" [", "<br>[")
              if (m, k) in cell else "" for k in kinds] for m in models]
     top = max(0.05, float(np.nanmax(np.abs(values))) if np.isfinite(values).any() else 0.05)
     figure = go.Figure(go.Heatmap(z=values, x=kinds, y=models, text=text, texttemplate="%{text}",

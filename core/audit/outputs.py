@@ -14,6 +14,7 @@ from core.audit.maps import method_display_name
 from core.audit.runner import CHECKS, LOCALISATION_MEASURES, Audit
 from core.audit.store import load_arrays
 from core.cams import overlay
+from core.evaluation.stats import format_interval
 from core.models import get_model_spec
 from core.runs import _json_safe
 
@@ -49,11 +50,11 @@ def sanity_table(audit: Audit) -> pd.DataFrame:
         last = summary["steps"][-1]
         rows.append({"Model": _model_name(record), "Method": _method_name(record["method"]),
                      "Verdict": {True: "FAILS", False: "passes", None: "no verdict"}[summary["fails"]],
-                     "Spearman, all randomised": _interval(last["spearman"], last["spearman_low"],
-                                                           last["spearman_high"]),
-                     "SSIM, all randomised": _interval(last["ssim"], last["ssim_low"], last["ssim_high"]),
-                     "Spearman, other class": _interval(other["spearman"], other["spearman_low"],
-                                                        other["spearman_high"]),
+                     "Spearman, all randomised": format_interval(last["spearman"], last["spearman_low"],
+                                                                 last["spearman_high"], 2),
+                     "SSIM, all randomised": format_interval(last["ssim"], last["ssim_low"], last["ssim_high"], 2),
+                     "Spearman, other class": format_interval(other["spearman"], other["spearman_low"],
+                                                              other["spearman_high"], 2),
                      "Images": len(record["images"]), "run_id": record["run_id"]})
     return pd.DataFrame(rows)
 
@@ -134,12 +135,6 @@ def _example_probabilities(record: dict, kinds: list[str]) -> list[str]:
         return [""] * (len(kinds) + 1)
     first = next(iter(rows.values()))
     return [f"P {first['before']:.2f}"] + [f"P {rows[kind]['after']:.2f}" if kind in rows else "" for kind in kinds]
-
-
-def _interval(value, low, high, digits: int = 2) -> str:
-    if value is None or not np.isfinite(value):
-        return "--"
-    return f"{value:.{digits}f} [{low:.{digits}f}, {high:.{digits}f}]"
 
 
 def write_audit_outputs(audit: Audit, out_dir: str | Path) -> list[Path]:

@@ -22,6 +22,7 @@ from core.audit.outputs import (
 from core.audit.randomisation import FAIL_SPEARMAN
 from core.audit.runner import CHECK_NAMES, CHECKS, Audit, AuditSettings, planned_steps
 from core.audit.store import stored_results
+from core.evaluation.stats import format_interval
 from core.runs import RunStore, _json_safe
 
 # How to read each check, one sentence each (the page's and the report's).
@@ -46,11 +47,8 @@ INTERVALS_NOTE = "Each value with its 95% interval over the images."
 
 
 def interval_text(value, low, high, digits: int = 2, signed: bool = False) -> str:
-    """0.52 [0.40, 0.61]; '--' when there is no value."""
-    if value is None or not math.isfinite(value):
-        return "--"
-    sign = "+" if signed else ""
-    return f"{value:{sign}.{digits}f} [{low:{sign}.{digits}f}, {high:{sign}.{digits}f}]"
+    """0.52 [0.40, 0.61]; '--' when there is no value (two decimals: the audit's tables)."""
+    return format_interval(value, low, high, digits, signed)
 
 
 def _share(value) -> str:

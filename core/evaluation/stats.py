@@ -72,9 +72,15 @@ class Interval:
     high: float
 
     def format(self, digits: int = 3) -> str:
-        if not math.isfinite(self.value):
-            return "--"
-        return f"{self.value:.{digits}f} [{self.low:.{digits}f}, {self.high:.{digits}f}]"
+        return format_interval(self.value, self.low, self.high, digits)
+
+
+def format_interval(value, low, high, digits: int = 3, signed: bool = False) -> str:
+    """'0.520 [0.400, 0.610]' ('+0.52 [...]' when signed); '--' when there is no value."""
+    if value is None or not math.isfinite(value):
+        return "--"
+    sign = "+" if signed else ""
+    return f"{value:{sign}.{digits}f} [{low:{sign}.{digits}f}, {high:{sign}.{digits}f}]"
 
 
 def bootstrap_metrics(labels, probabilities, threshold: float = 0.5, resamples: int = DEFAULT_RESAMPLES,
