@@ -21,7 +21,7 @@ from core.audit.localisation import load_masks, localisation_measures
 from core.audit.maps import AUDIT_METHODS, compute_maps, predict
 from core.audit.randomisation import DEFAULT_STEPS, randomisation_check
 from core.audit.shortcuts import artefact_test
-from core.cams import explainer_for_run, load_trained_model
+from core.cams import CamExplainer, load_trained_model, run_precision
 from core.config import DataSpec, TrainConfig
 from core.data.datasets import PreparedData, check_allowed, prepare_data
 from core.evaluation.stats import mean_interval
@@ -190,68 +190,72 @@ def run_audit(store: RunStore, runs: list[dict], settings: AuditSettings = Audit
     return audit
 
 
+class _LazyModel:
+    """A run's trained model and its explainer, loaded once, and only when a result must be computed (a
+    repeated audit only reads what is stored)."""
+
+    def __init__(self, run: dict, store: RunStore) -> None:
+        self.run, self.store = run, store
+        self._model = self._explainer = None
+
+    @property
+    def model(self):
+        if self._model is None:
+            self._model = load_trained_model(self.run, self.store.model_path(self.run["run_id"]))
+        return self._model
+
+    @property
+    def explainer(self) -> CamExplainer:
+        if self._explainer is None:
+            self._explainer = CamExplainer(self.model, self.run["model"], precision=run_precision(self.run))
+        return self._explainer
+
+
 def _audit_run(store: RunStore, run: dict, settings: AuditSettings, audit: Audit, progress: _Progress,
                cache: dict, stop) -> None:
-    data = run_data(run, store, cache)
-    inputs = run_inputs(run, data, settings)
-    model = load_trained_model(run, store.model_path(run["run_id"]))
-    explainer = explainer_for_run(run, store.model_path(run["run_id"]))
-    folder = store.root / run["run_id"]
+    inputs = run_inputs(run, run_data(run, store, cache), settings)
+    loaded = _LazyModel(run, store)
     for method in settings.methods:
         malignant_maps = None
 
         def maps_for_malignant(method: str = method) -> np.ndarray:
             nonlocal malignant_maps
             if malignant_maps is None:
-                malignant_maps = compute_maps(explainer, inputs.images, method, 1)
+                malignant_maps = compute_maps(loaded.explainer, inputs.images, method, 1)
             return malignant_maps
 
         for check in ("randomisation", "localisation", "faithfulness"):
             if check not in settings.checks:
                 continue
-            _stop_if_asked(stop)
-            if check == "localisation" and not inputs.masks:
-                progress.step()
-                continue
-            settings_part = _check_settings(check, settings, inputs, run)
-            ids = _check_image_ids(check, inputs)
-            key = audit_store.result_key(check, method, ids, settings.seed, settings_part)
-            record = audit_store.load_result(folder, check, method, key)
-            if record is None:
-                started = time.perf_counter()
-                summary, rows, arrays = _compute(check, method, run, model, explainer, inputs, settings,
-                                                 maps_for_malignant, stop)
-                record = {"check": check, "method": method, "key": key, "run_id": run["run_id"],
-                          "model": run["model"], "seed": settings.seed, "images": ids, "settings": settings_part,
-                          "seconds": time.perf_counter() - started, "summary": summary, "per_image": rows}
-                record["path"] = str(audit_store.save_result(folder, record, arrays))
-                audit.computed += 1
-            else:
-                record["path"] = str(audit_store.result_path(folder, check, method, key))
-                audit.reused += 1
-            audit.records.append(record)
+            if check != "localisation" or inputs.masks:
+                _record_check(store, run, check, method, settings, inputs, loaded, maps_for_malignant, audit, stop)
             progress.step()
-    if "artefacts" in settings.checks:
-        _stop_if_asked(stop)
-        method = settings.methods[0]
-        settings_part = _check_settings("artefacts", settings, inputs, run)
-        ids = _check_image_ids("artefacts", inputs)
-        key = audit_store.result_key("artefacts", method, ids, settings.seed, settings_part)
-        record = audit_store.load_result(folder, "artefacts", method, key)
-        if record is None:
-            started = time.perf_counter()
-            summary, rows, arrays = _compute("artefacts", method, run, model, explainer, inputs, settings, None,
-                                             stop)
-            record = {"check": "artefacts", "method": method, "key": key, "run_id": run["run_id"],
-                      "model": run["model"], "seed": settings.seed, "images": ids, "settings": settings_part,
-                      "seconds": time.perf_counter() - started, "summary": summary, "per_image": rows}
-            record["path"] = str(audit_store.save_result(folder, record, arrays))
-            audit.computed += 1
-        else:
-            record["path"] = str(audit_store.result_path(folder, "artefacts", method, key))
-            audit.reused += 1
-        audit.records.append(record)
+    if "artefacts" in settings.checks:  # one test per run; its maps use the first method
+        _record_check(store, run, "artefacts", settings.methods[0], settings, inputs, loaded, None, audit, stop)
         progress.step()
+
+
+def _record_check(store: RunStore, run: dict, check: str, method: str, settings: AuditSettings,
+                  inputs: _RunInputs, loaded: _LazyModel, maps_for_malignant, audit: Audit, stop) -> None:
+    """Add one check's result to the audit: the stored one when its key matches, else computed and stored."""
+    _stop_if_asked(stop)
+    folder = store.root / run["run_id"]
+    settings_part = _check_settings(check, settings, inputs, run)
+    ids = _check_image_ids(check, inputs)
+    key = audit_store.result_key(check, method, ids, settings.seed, settings_part)
+    record = audit_store.load_result(folder, check, method, key)
+    if record is None:
+        started = time.perf_counter()
+        summary, rows, arrays = _compute(check, method, run, loaded, inputs, settings, maps_for_malignant, stop)
+        record = {"check": check, "method": method, "key": key, "run_id": run["run_id"], "model": run["model"],
+                  "seed": settings.seed, "images": ids, "settings": settings_part,
+                  "seconds": time.perf_counter() - started, "summary": summary, "per_image": rows}
+        record["path"] = str(audit_store.save_result(folder, record, arrays))
+        audit.computed += 1
+    else:
+        record["path"] = str(audit_store.result_path(folder, check, method, key))
+        audit.reused += 1
+    audit.records.append(record)
 
 
 def _stop_if_asked(stop) -> None:
@@ -283,12 +287,12 @@ def _run_threshold(run: dict) -> float:
     return float((run.get("config") or {}).get("threshold", 0.5))
 
 
-def _compute(check: str, method: str, run: dict, model, explainer, inputs: _RunInputs, settings: AuditSettings,
+def _compute(check: str, method: str, run: dict, loaded: _LazyModel, inputs: _RunInputs, settings: AuditSettings,
              maps_for_malignant, stop) -> tuple[dict, list[dict], dict | None]:
     """(summary, per-image rows, example arrays or None) of one check."""
-    ids = inputs.image_ids
+    ids, explainer = inputs.image_ids, loaded.explainer
     if check == "randomisation":
-        result = randomisation_check(model, run["model"], inputs.images, method, maps_for_malignant(),
+        result = randomisation_check(loaded.model, run["model"], inputs.images, method, maps_for_malignant(),
                                      settings.steps, settings.seed, stop)
         rows = [{"image_id": ids[row["image"]], "step": row["step"], "spearman": row["spearman"], "ssim": row["ssim"]}
                 for row in result["per_image"]]
