@@ -21,6 +21,7 @@ PAGES = [
     st.Page("pages/train.py", title="Train", icon=":material/model_training:"),
     st.Page("pages/compare.py", title="Compare", icon=":material/compare_arrows:"),
     st.Page("pages/explain.py", title="Explain", icon=":material/visibility:"),
+    st.Page("pages/predict.py", title="Predict", icon=":material/batch_prediction:"),
     st.Page("pages/audit.py", title="Audit", icon=":material/fact_check:"),
     st.Page("pages/tune.py", title="Tune", icon=":material/tune:"),
     st.Page("pages/ablation.py", title="Ablation", icon=":material/science:"),

@@ -1,6 +1,6 @@
-"""python -m core {train,resume,tune,ablate,list,compare,explain,audit}: the engine headless, for GPU servers
-and scripts. SIGTERM (a batch scheduler's time limit, `kill`) stops the current run cleanly after its
-batch; it is stored as stopped and `python -m core resume RUN_ID` continues it."""
+"""python -m core {train,resume,tune,ablate,list,compare,evaluate,explain,audit,predict,check-data}: the engine
+headless, for GPU servers and scripts. SIGTERM (a batch scheduler's time limit, `kill`) stops the current run
+cleanly after its batch; it is stored as stopped and `python -m core resume RUN_ID` continues it."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import threading
 import time
 
 from core.config import MODEL_NAMES, PRECISIONS, PRESETS, DataSpec, TrainConfig
-from core.data.datasets import FORMATS, DatasetError, prepare_data
+from core.data.datasets import CLASS_NAMES, FORMATS, DatasetError, prepare_data
 from core.data.synthetic import CONFOUNDER_KINDS
 from core.evaluation.compare import (
     build_comparison,
@@ -22,6 +22,7 @@ from core.evaluation.compare import (
     paper_table,
     tested_on_same_images,
 )
+from core.evaluation.external import INTERNAL_TEST, ExternalSet, common_external_sets
 from core.runs import RunStore, RunStoreError, default_runs_dir, is_ordinary_run, run_purpose
 from core.training.callbacks import BatchProgress, EpochRecord, TrainingCallback
 from core.training.loop import resume_training, run_training
@@ -54,6 +55,8 @@ SWITCH_FLAGS = (
     ("--no-weighted-sampler", "weighted_sampler", "plain shuffling instead of class-balanced sampling"),
     ("--no-scheduler", "scheduler", "constant learning rate instead of cosine annealing"),
     ("--no-pretrained", "pretrained", "random initialisation instead of ImageNet weights"),
+    ("--no-duplicate-grouping", "group_near_duplicates",
+     "let near-duplicate images fall on both sides of the split (by default they stay together, as a lesion's do)"),
 )
 
 
@@ -107,6 +110,7 @@ def add_training_flags(parser: argparse.ArgumentParser) -> None:
     """The data and hyperparameter flags shared by train, tune and ablate."""
     parser.add_argument("--data", default="synthetic", help="'synthetic' or a dataset path")
     parser.add_argument("--format", default="auto", choices=["auto", *FORMATS], help="dataset format")
+    add_reading_flags(parser)
     parser.add_argument("--preset", default="quick", choices=sorted(PRESETS),
                         help="starting values: quick (fast demo) or paper (224 px, the paper's optimum)")
     for flag, _, kind, text in HYPERPARAMETER_FLAGS:
@@ -115,18 +119,49 @@ def add_training_flags(parser: argparse.ArgumentParser) -> None:
         parser.add_argument(flag, action="store_true", help=text)
     parser.add_argument("--precision", choices=PRECISIONS, default=None, help="auto times the options per model")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default=None)
+    add_synthetic_flags(parser)
+    parser.add_argument("--runs-dir", default=str(default_runs_dir()), help="run store (default: checkpoints/)")
+
+
+def add_synthetic_flags(parser: argparse.ArgumentParser) -> None:
+    """The options of the built-in synthetic set."""
+    parser.add_argument("--synthetic-count", type=int, default=None, help="images in the synthetic set")
+    parser.add_argument("--synthetic-image-size", type=int, default=None, help="size the synthetic set is drawn at")
+    parser.add_argument("--synthetic-seed", type=int, default=None,
+                        help="seed the synthetic set is drawn from (another seed: other images)")
+    parser.add_argument("--confounder-fraction", type=float, default=None,
+                        help="share of malignant synthetic images given a shortcut artifact")
+    parser.add_argument("--confounder-kind", choices=CONFOUNDER_KINDS, default=None)
+
+
+def add_reading_flags(parser: argparse.ArgumentParser) -> None:
+    """How a local dataset is read: label mapping, image, mask and column names."""
     parser.add_argument("--label-map", nargs="+", default=[], metavar="NAME=0|1",
                         help="map folder names, dx codes or label values to 0 (benign) / 1 (malignant)")
     parser.add_argument("--images-dir", help="image folder of a CSV/HAM10000 dataset (default: detected)")
     parser.add_argument("--masks-dir", help="lesion masks (<image_id>_segmentation.png)")
     parser.add_argument("--label-column", help="CSV label column (default: detected)")
     parser.add_argument("--image-column", help="CSV image-id or path column (default: detected)")
-    parser.add_argument("--synthetic-count", type=int, default=None, help="images in the synthetic set")
-    parser.add_argument("--synthetic-image-size", type=int, default=None, help="size the synthetic set is drawn at")
-    parser.add_argument("--confounder-fraction", type=float, default=None,
-                        help="share of malignant synthetic images given a shortcut artifact")
-    parser.add_argument("--confounder-kind", choices=CONFOUNDER_KINDS, default=None)
-    parser.add_argument("--runs-dir", default=str(default_runs_dir()), help="run store (default: checkpoints/)")
+
+
+def add_comparison_flags(parser: argparse.ArgumentParser) -> None:
+    """The table and operating-point flags shared by compare and evaluate."""
+    parser.add_argument("--format", choices=["table", "csv", "latex"], default="table",
+                        help="table and latex show 'value [95%% CI]'; csv has separate low/high columns")
+    parser.add_argument("--resamples", type=int, default=2000,
+                        help="bootstrap resamples of the test images for the intervals (0: none)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the bootstrap")
+    operating_point = parser.add_mutually_exclusive_group()
+    operating_point.add_argument("--threshold", type=float, metavar="P",
+                                 help="judge every model at this threshold on P(malignant) (default: each run's own)")
+    operating_point.add_argument("--sensitivity", type=float, metavar="S",
+                                 help="judge each model at the highest threshold reaching sensitivity S on its "
+                                      "validation predictions (the Compare page's 'sensitivity >= X')")
+    parser.add_argument("--by", metavar="sex|age|localization|site|dx|ita|COLUMN", default=None,
+                        help="instead of the table, metrics per subgroup of the test images: HAM10000's metadata, "
+                             "skin tone by the Individual Typology Angle (ita), or any categorical column of the "
+                             "dataset's CSV; one row per model and group, with n and positives")
+    parser.add_argument("--runs-dir", default=str(default_runs_dir()))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -170,23 +205,29 @@ def build_parser() -> argparse.ArgumentParser:
 
     compare = commands.add_parser("compare", help="compare runs (the paper's Tables 1 and 2)",
                                   description="Train/test accuracy, precision, recall, F1, AUC, specificity, "
-                                              "kappa and G-mean with 95%% bootstrap intervals from the saved test "
+                                              "kappa and G-mean with 95% bootstrap intervals from the saved test "
                                               "predictions; default: the newest completed run of each model.")
     compare.add_argument("--runs", nargs="+", metavar="RUN_ID", help="run ids to compare")
-    compare.add_argument("--format", choices=["table", "csv", "latex"], default="table",
-                         help="table and latex show 'value [95%% CI]'; csv has separate low/high columns")
-    compare.add_argument("--resamples", type=int, default=2000,
-                         help="bootstrap resamples of the test images for the intervals (0: none)")
-    compare.add_argument("--seed", type=int, default=0, help="seed of the bootstrap")
     compare.add_argument("--report", metavar="PATH.html",
                          help="also write the Compare page (table, figures, tests) as one self-contained HTML file")
-    operating_point = compare.add_mutually_exclusive_group()
-    operating_point.add_argument("--threshold", type=float, metavar="P",
-                                 help="judge every model at this threshold on P(malignant) (default: each run's own)")
-    operating_point.add_argument("--sensitivity", type=float, metavar="S",
-                                 help="judge each model at the highest threshold reaching sensitivity S on its "
-                                      "validation predictions (the Compare page's 'sensitivity >= X')")
-    compare.add_argument("--runs-dir", default=str(default_runs_dir()))
+    compare.add_argument("--test-set", metavar="KEY|NAME", default=None,
+                         help="judge on an external set the runs were evaluated on (python -m core evaluate) "
+                              "instead of their own test part")
+    add_comparison_flags(compare)
+
+    evaluate = commands.add_parser(
+        "evaluate", help="external validation: apply stored runs to another labelled dataset",
+        description="Apply stored runs to every image of another labelled dataset (any supported format, "
+                    "detected as for training), each at its own image size and normalisation. The predictions "
+                    "are stored with each run and reused; the table is compare's, on that set. Thresholds chosen "
+                    "by --sensitivity still come from each run's internal validation part.")
+    evaluate.add_argument("runs", nargs="*", metavar="RUN_ID", help="default: the newest completed run of each model")
+    evaluate.add_argument("--data", required=True, help="the external dataset: a path (or 'synthetic')")
+    evaluate.add_argument("--data-format", default="auto", choices=["auto", *FORMATS],
+                          help="the external dataset's format (default: detected)")
+    add_reading_flags(evaluate)
+    add_synthetic_flags(evaluate)
+    add_comparison_flags(evaluate)
     explain = commands.add_parser("explain", help="CAMs of the five models on one image, as a PNG figure",
                                   description="The Explain page's figure, headless: heatmap and contour overlays "
                                               "of each run's CAM of one image.")
@@ -223,7 +264,52 @@ def build_parser() -> argparse.ArgumentParser:
     audit.add_argument("--seed", type=int, default=0, help="seed of the image draw, artefacts and intervals")
     audit.add_argument("--out", required=True, metavar="DIR", help="folder for audit.json, CSVs and figures")
     audit.add_argument("--runs-dir", default=str(default_runs_dir()))
+
+    predict = commands.add_parser(
+        "predict", help="P(malignant), decision and out-of-distribution flag for a folder of images (no labels)",
+        description="Apply stored runs to every image under a folder, each run at its own image size: P(malignant), "
+                    "the decision at the run's own threshold, and an out-of-distribution score (Mahalanobis "
+                    "distance of each stage's features to the run's training images; flagged beyond the 95th "
+                    "percentile of its validation images). Writes one CSV row per image and run; stdout gets a "
+                    "short table.")
+    predict.add_argument("runs", nargs="*", metavar="RUN_ID", help="default: the newest completed run of each model")
+    predict.add_argument("--images", required=True, metavar="DIR", help="folder of JPEG/PNG images (sub-folders too)")
+    predict.add_argument("--out", required=True, metavar="PATH.csv", help="the CSV of predictions")
+    predict.add_argument("--cams", metavar="DIR", help="also write one PNG per image with every run's map")
+    predict.add_argument("--method", default="gradcam", help="the CAM method of --cams")
+    predict.add_argument("--runs-dir", default=str(default_runs_dir()))
+    add_check_data_parser(commands)
     return parser
+
+
+# The split settings check-data takes from training's flags: it shows the split a training run would get.
+CHECK_DATA_FIELDS = ("image_size", "split", "val_fraction", "seed", "max_images", "group_near_duplicates")
+
+
+def add_check_data_parser(commands) -> None:
+    from core.data.duplicates import DEFAULT_THRESHOLD, HASH_BITS
+
+    check = commands.add_parser(
+        "check-data", help="near-duplicate images (resized, recompressed, slightly cropped) across the split",
+        description="List pairs of near-duplicate images, one pair per line, with the split and label of each "
+                    "image; pairs with different labels are flagged. Perceptual hashes (imagehash: pHash, dHash, "
+                    "vertical dHash on the whole image and five 3% crops) are stored with the decoded image cache. "
+                    "The split is the one training would make with the same flags.")
+    check.add_argument("data", metavar="PATH", help="the dataset: a path, or 'synthetic'")
+    check.add_argument("--format", choices=["table", "csv"], default="table", help="how the pairs are printed")
+    check.add_argument("--threshold", type=int, default=DEFAULT_THRESHOLD, metavar="BITS",
+                       help=f"largest Hamming distance (of {HASH_BITS} bits) of a near-duplicate pair "
+                            f"(default {DEFAULT_THRESHOLD}); the split always groups at the default")
+    check.add_argument("--data-format", default="auto", choices=["auto", *FORMATS], help="dataset format")
+    for flag, field, kind, text in HYPERPARAMETER_FLAGS:
+        if field in CHECK_DATA_FIELDS:
+            check.add_argument(flag, type=kind, default=None, help=text)
+    for flag, field, text in SWITCH_FLAGS:
+        if field in CHECK_DATA_FIELDS:
+            check.add_argument(flag, action="store_true", help=text)
+    add_reading_flags(check)
+    add_synthetic_flags(check)
+    check.add_argument("--runs-dir", default=str(default_runs_dir()), help="run store whose cache holds the images")
 
 
 def config_from_args(args: argparse.Namespace, model: str) -> TrainConfig:
@@ -247,10 +333,13 @@ def data_spec_from_args(args: argparse.Namespace) -> DataSpec:
         if value not in ("0", "1"):
             raise ValueError(f"--label-map wants NAME=0 or NAME=1, got {item!r}")
         label_map[name] = int(value)
-    values = {"source": args.data, "format": args.format, "label_map": label_map, "images_dir": args.images_dir,
+    # evaluate's --format is the table's; its dataset format is --data-format.
+    data_format = args.data_format if hasattr(args, "data_format") else args.format
+    values = {"source": args.data, "format": data_format, "label_map": label_map, "images_dir": args.images_dir,
               "masks_dir": args.masks_dir, "label_column": args.label_column, "image_column": args.image_column}
-    for option in ("synthetic_count", "synthetic_image_size", "confounder_fraction", "confounder_kind"):
-        if getattr(args, option) is not None:
+    for option in ("synthetic_count", "synthetic_image_size", "synthetic_seed", "confounder_fraction",
+                   "confounder_kind"):
+        if getattr(args, option, None) is not None:
             values[option] = getattr(args, option)
     if args.data == "synthetic":
         values["format"] = "synthetic"
@@ -377,27 +466,53 @@ def command_list(args: argparse.Namespace) -> int:
     return 0
 
 
-def command_compare(args: argparse.Namespace) -> int:
-    store = RunStore(args.runs_dir)
-    if args.runs:
-        runs = [store.load(run_id) for run_id in args.runs]
-        missing = [run_id for run_id, run in zip(args.runs, runs) if run is None]
-        if missing:
-            raise ValueError(f"no run(s) {', '.join(missing)} in {args.runs_dir}")
-    else:
-        runs = default_comparison_runs(store.list_runs())
-    if not runs:
-        print(f"no completed runs in {args.runs_dir}; train some with `python -m core train`", file=sys.stderr)
-        return 0
-    if len(runs) > 1 and not tested_on_same_images(runs):
-        print("warning: these runs were tested on different images; the comparison is not paired",
-              file=sys.stderr)
+def chosen_runs(store: RunStore, run_ids: list[str] | None, runs_dir: str) -> list[dict]:
+    """The named runs (ValueError naming the missing ones), or the newest completed run of each model."""
+    if not run_ids:
+        return default_comparison_runs(store.list_runs())
+    runs = [store.load(run_id) for run_id in run_ids]
+    missing = [run_id for run_id, run in zip(run_ids, runs) if run is None]
+    if missing:
+        raise ValueError(f"no run(s) {', '.join(missing)} in {runs_dir}")
+    return runs
+
+
+def check_operating_point(args: argparse.Namespace) -> None:
     for value, name in ((args.threshold, "--threshold"), (args.sensitivity, "--sensitivity")):
         if value is not None and not 0 < value < 1:
             raise ValueError(f"{name} must be between 0 and 1, not {value}")
-    comparison = build_comparison(store, runs, args.threshold, args.sensitivity, args.resamples, args.seed)
+
+
+def chosen_test_set(store: RunStore, runs: list[dict], wanted: str | None) -> ExternalSet | None:
+    """The external set named by key or name that every run was evaluated on (None: their own test part)."""
+    if not wanted or wanted == INTERNAL_TEST:
+        return None
+    available = common_external_sets(store, runs)
+    for external in available:
+        if wanted in (external.key, external.name):
+            return external
+    offered = ", ".join(f"{item.name} ({item.key})" for item in available) or "none"
+    raise ValueError(f"the runs have not all been evaluated on {wanted!r} (sets they all have: {offered}); "
+                     "run `python -m core evaluate --data PATH` first")
+
+
+def command_compare(args: argparse.Namespace) -> int:
+    store = RunStore(args.runs_dir)
+    runs = chosen_runs(store, args.runs, args.runs_dir)
+    if not runs:
+        print(f"no completed runs in {args.runs_dir}; train some with `python -m core train`", file=sys.stderr)
+        return 0
+    external = chosen_test_set(store, runs, args.test_set)
+    if external is None and len(runs) > 1 and not tested_on_same_images(runs):
+        print("warning: these runs were tested on different images; the comparison is not paired",
+              file=sys.stderr)
+    check_operating_point(args)
+    comparison = build_comparison(store, runs, args.threshold, args.sensitivity, args.resamples, args.seed,
+                                  test_set=external.key if external else None)
     print(f"operating point: {comparison.operating_point}", file=sys.stderr)
-    print(format_table(paper_table(comparison), args.format))
+    if external is not None:
+        print(f"test set: {external.describe()}", file=sys.stderr)
+    print_table(comparison, args, store)
     if args.report:
         from core.evaluation.report import write_html_report
 
@@ -407,6 +522,49 @@ def command_compare(args: argparse.Namespace) -> int:
             raise ValueError(f"cannot write the report {args.report}: {error.strerror or error}") from None
         print(f"report written to {path}", file=sys.stderr)
     return 0
+
+
+def command_evaluate(args: argparse.Namespace) -> int:
+    from core.evaluation.external import evaluate_runs
+
+    store = RunStore(args.runs_dir)
+    runs = chosen_runs(store, args.runs, args.runs_dir)
+    if not runs:
+        raise ValueError(f"no completed runs in {args.runs_dir}; train some with `python -m core train`")
+    check_operating_point(args)
+    spec = data_spec_from_args(args)
+    print(f"evaluating {len(runs)} run(s) on {spec.source} ...", file=sys.stderr)
+
+    def report(done: int, total: int, text: str) -> None:
+        if done < total:
+            print(f"  {text}", file=sys.stderr)
+
+    outcome = evaluate_runs(store, runs, spec, report, STOP)
+    for image_id, reason in outcome.skipped[:5]:
+        print(f"warning: skipped {image_id}: {reason}", file=sys.stderr)
+    if outcome.skipped:
+        print(f"warning: skipped {len(outcome.skipped)} unreadable or missing image(s)", file=sys.stderr)
+    for warning in dict.fromkeys(outcome.warnings):
+        print(f"warning: {warning}", file=sys.stderr)
+    print(f"test set: {outcome.external.describe()} · {len(outcome.computed)} run(s) evaluated, "
+          f"{len(outcome.reused)} reused from the run store, in {outcome.seconds:.1f} s", file=sys.stderr)
+    comparison = build_comparison(store, runs, args.threshold, args.sensitivity, args.resamples, args.seed,
+                                  test_set=outcome.external.key)
+    print(f"operating point: {comparison.operating_point}", file=sys.stderr)
+    print_table(comparison, args, store)
+    return 0
+
+
+def print_table(comparison, args: argparse.Namespace, store: RunStore) -> None:
+    """compare's table on stdout, or with --by the subgroup table (one CSV at a time, so that
+    `--format csv > file` stays one clean CSV)."""
+    if not args.by:
+        print(format_table(paper_table(comparison), args.format))
+        return
+    from core.evaluation.subgroups import comparison_subgroups, format_subgroup_table
+
+    table = comparison_subgroups(comparison, args.by, store.cache_dir, args.resamples, args.seed)
+    print(format_subgroup_table(table, args.format))
 
 
 def command_explain(args: argparse.Namespace) -> int:
@@ -474,6 +632,109 @@ def command_audit(args: argparse.Namespace) -> int:
     return 0
 
 
+def command_predict(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from tqdm import tqdm
+
+    from core.data.datasets import check_allowed
+    from core.evaluation.predict import image_files, predict_images, write_cam_figures
+
+    store = RunStore(args.runs_dir)
+    runs = check_runs_exist(store, args.runs) if args.runs else default_comparison_runs(store.list_runs())
+    if not runs:
+        raise ValueError(f"no completed runs in {args.runs_dir}; train some with `python -m core train`")
+    check_allowed(args.images)
+    paths = image_files(args.images)
+    print(f"{len(paths)} image file(s), {len(runs)} run(s)", file=sys.stderr)
+    with tqdm(total=1, desc="predict", unit="step", file=sys.stderr) as bar:
+        def report(done: int, total: int, text: str) -> None:
+            bar.total = total
+            bar.update(done - bar.n)
+            bar.set_postfix_str(text, refresh=False)
+
+        try:
+            result = predict_images(runs, store, paths, report, STOP)
+        except InterruptedError:
+            print("prediction stopped; nothing was written", file=sys.stderr)
+            return 130
+    for note in result.notes:
+        print(f"warning: {note}", file=sys.stderr)
+    for name, reason in result.skipped[:5]:
+        print(f"warning: skipped {name}: {reason}", file=sys.stderr)
+    if result.skipped:
+        print(f"warning: skipped {len(result.skipped)} unreadable image(s) of {len(paths)}", file=sys.stderr)
+    for warning in result.warnings():
+        print(f"warning: {warning}", file=sys.stderr)
+    if not result.images:
+        raise ValueError(f"no readable images in {args.images}")
+    out = Path(args.out)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        result.table.to_csv(out, index=False)
+    except OSError as error:
+        raise ValueError(f"cannot write {out}: {error.strerror or error}") from None
+    print(f"{len(result.table)} prediction(s) written to {out}", file=sys.stderr)
+    if args.cams:
+        figures = write_cam_figures(runs, store, paths, args.cams, args.method, result, stop=STOP)
+        print(f"{len(figures)} CAM figure(s) written to {args.cams}", file=sys.stderr)
+    sys.stderr.flush()
+    print(prediction_lines(result.table))
+    return 0
+
+
+def check_runs_exist(store: RunStore, run_ids: list[str]) -> list[dict]:
+    runs = [store.load(run_id) for run_id in run_ids]
+    missing = [run_id for run_id, run in zip(run_ids, runs) if run is None]
+    if missing:
+        raise ValueError(f"no run(s) {', '.join(missing)} in {store.root}")
+    return runs
+
+
+def prediction_lines(table) -> str:
+    """The short table on stdout: image, model, P(malignant), decision, OOD flag."""
+    flags = table["out_of_distribution"].map({True: "OOD", False: ""}).where(table["ood_score"].notna(), "no score")
+    shown = table.assign(P=table["prob_malignant"].map("{:.3f}".format), OOD=flags)
+    return shown[["image", "model", "P", "decision", "OOD"]].to_string(index=False)
+
+
+def command_check_data(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from core.data.duplicates import HASH_BITS
+
+    values = {field: getattr(args, field) for field in CHECK_DATA_FIELDS
+              if field != "group_near_duplicates" and getattr(args, field) is not None}
+    config = TrainConfig(group_near_duplicates=not args.no_duplicate_grouping, **values)
+    spec = data_spec_from_args(args)
+    print(f"reading {'the synthetic set' if spec.is_synthetic else spec.source} ...", file=sys.stderr)
+    with tqdm(desc="decoding and hashing", unit="image", file=sys.stderr, disable=not sys.stderr.isatty()) as bar:
+        def report(done: int, total: int) -> None:
+            bar.total = total
+            bar.update(done - bar.n)
+
+        data = prepare_data(spec, config, RunStore(args.runs_dir).cache_dir, report)
+    for image_id, reason in data.skipped[:5]:
+        print(f"warning: skipped {image_id}: {reason}", file=sys.stderr)
+    if data.skipped:
+        print(f"warning: skipped {len(data.skipped)} unreadable or missing image(s)", file=sys.stderr)
+    pairs = data.near_duplicate_pairs(args.threshold)
+    print(f"{len(pairs)} near-duplicate pair(s) among {len(data.table)} images (Hamming distance <= {args.threshold} "
+          f"of {HASH_BITS} bits): {int(pairs['crosses_splits'].sum())} across the split, "
+          f"{int(pairs['conflicting_labels'].sum())} with conflicting labels; the split "
+          + ("keeps near-duplicates together (--no-duplicate-grouping to stop)" if data.duplicates_grouped
+             else "does not group near-duplicates"), file=sys.stderr)
+    if args.format == "csv":
+        print(pairs.to_csv(index=False), end="")
+    elif len(pairs):
+        shown = pairs.assign(label_a=pairs["label_a"].map(CLASS_NAMES.__getitem__),
+                             label_b=pairs["label_b"].map(CLASS_NAMES.__getitem__),
+                             conflicting_labels=pairs["conflicting_labels"].map({True: "CONFLICT", False: ""}),
+                             crosses_splits=pairs["crosses_splits"].map({True: "yes", False: "no"}))
+        print(shown.to_string(index=False))
+    return 0
+
+
 def _comma_list(text: str) -> list[str]:
     return [part.strip() for part in text.split(",") if part.strip()]
 
@@ -481,8 +742,9 @@ def _comma_list(text: str) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     commands = {"train": command_train, "resume": command_resume, "tune": command_tune, "ablate": command_ablate,
-                "list": command_list, "compare": command_compare, "explain": command_explain,
-                "audit": command_audit}
+                "list": command_list, "compare": command_compare, "evaluate": command_evaluate,
+                "explain": command_explain, "audit": command_audit, "predict": command_predict,
+                "check-data": command_check_data}
     STOP.clear()
     in_main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, lambda signum, frame: STOP.set()) if in_main_thread else None
@@ -492,12 +754,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except InterruptedError:
-        print("audit stopped; the results finished so far are stored with their runs", file=sys.stderr)
+        print("stopped; the results finished so far are stored with their runs", file=sys.stderr)
         return 130
     except KeyboardInterrupt:
         print("interrupted; the current run is stored as stopped (python -m core resume RUN_ID continues it)",
               file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # The reader of stdout went away (`... | head`): not an error of ours. Python would otherwise complain
+        # again when it flushes stdout at exit.
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)

@@ -65,6 +65,7 @@ class TrainConfig:
     val_fraction: float = 0.15  # share of the train part held out for model selection
     seed: int = 42
     max_images: int | None = None  # stratified subset, for quick looks at big datasets
+    group_near_duplicates: bool = True  # near-duplicate images stay on one side of the split, as a lesion's do
     augment: bool = True
     weighted_sampler: bool = True
     scheduler: bool = True  # cosine annealing over all epochs
@@ -96,6 +97,9 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
         known = {f.name for f in dataclasses.fields(cls)}
+        # Runs stored before near-duplicate grouping existed were split without it; reloading their data
+        # (to resume, explain or audit them) must give the same split.
+        values = {"group_near_duplicates": False, **values}
         return cls(**{k: v for k, v in values.items() if k in known})
 
 

@@ -579,3 +579,117 @@ def grouped_bars_png(table, measures: dict[str, str], path, title: str, referenc
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
+
+
+@templated
+def auc_shift_figure(rows: list[dict]) -> go.Figure:
+    """AUC with 95% intervals per model on the internal test part and on an external set; rows have
+    model, internal, internal_low, internal_high, external, external_low, external_high."""
+    figure = go.Figure()
+    models = [row["model"] for row in rows]
+    for part, colour, symbol in (("internal", "#4c72b0", "circle"), ("external", "#dd8452", "diamond")):
+        values = np.array([row[part] for row in rows], dtype=float)
+        lows = np.array([row[f"{part}_low"] for row in rows], dtype=float)
+        highs = np.array([row[f"{part}_high"] for row in rows], dtype=float)
+        figure.add_trace(go.Scatter(
+            x=values, y=models, mode="markers", name=f"{part} test", marker=dict(color=colour, size=11, symbol=symbol),
+            error_x=dict(type="data", symmetric=False, array=np.nan_to_num(highs - values),
+                         arrayminus=np.nan_to_num(values - lows), color=colour, thickness=1.5),
+            hovertemplate=f"%{{y}} {part}: AUC %{{x:.3f}}<extra></extra>"))
+    figure.add_vline(x=0.5, line=dict(color="#999", dash="dot"), annotation_text="chance",
+                     annotation_position="bottom right")
+    figure.update_layout(title="AUC with 95% CI: internal test part vs external set", xaxis_title="AUC",
+                         xaxis_range=[0.3, 1.0], height=120 + 60 * len(rows), margin=dict(l=10, r=10, t=40, b=10),
+                         legend=dict(orientation="h", y=-0.2), yaxis=dict(autorange="reversed"))
+    return figure
+
+
+@templated
+def calibration_shift_figure(internal: list[tuple[str, list[float], list[float], float]],
+                             external: list[tuple[str, list[float], list[float], float]],
+                             external_name: str = "external") -> go.Figure:
+    """Reliability diagrams side by side: each model on its internal test part (left) and on an external
+    set (right); entries as for reliability_figure."""
+    from plotly.subplots import make_subplots
+
+    figure = make_subplots(rows=1, cols=2, shared_yaxes=True, horizontal_spacing=0.06,
+                           subplot_titles=("internal test part", f"external: {external_name}"))
+    for column, entries in ((1, internal), (2, external)):
+        figure.add_trace(go.Scatter(x=[0, 1], y=[0, 1], mode="lines", line=dict(color="#999", dash="dot"),
+                                    name="perfect calibration", showlegend=column == 1), row=1, col=column)
+        for index, (name, predicted, observed, ece) in enumerate(entries):
+            figure.add_trace(go.Scatter(x=predicted, y=observed, mode="lines+markers", legendgroup=name,
+                                        name=name, showlegend=column == 1, line=dict(color=model_colour(name, index)),
+                                        hovertemplate=f"{name} (ECE {ece:.3f})<br>predicted %{{x:.2f}}, "
+                                                      "observed %{y:.2f}<extra></extra>"), row=1, col=column)
+    figure.update_xaxes(range=[0, 1], title_text="mean predicted P(malignant)")
+    figure.update_yaxes(range=[0, 1], title_text="observed share malignant", row=1, col=1)
+    figure.update_layout(title="Calibration: internal vs external", height=460, margin=dict(l=10, r=10, t=60, b=10),
+                         legend=dict(orientation="h", y=-0.25))
+    return figure
+
+
+# Metric columns of core.evaluation.subgroups.subgroup_table drawn side by side in the forest plot.
+SUBGROUP_FOREST_METRICS = ("AUC", "Sensitivity")
+WHOLE_SET_GROUP = "All"  # the name of each model's whole-test-set row there (subgroups.ALL)
+
+
+@templated
+def subgroup_forest_figure(table, title: str = "") -> go.Figure:
+    """A forest plot of a subgroup table (core.evaluation.subgroups.subgroup_table): one row per group, the
+    whole test set ('All') on top, a marker per model with its 95% interval, AUC and sensitivity side by side,
+    a dotted line per model at its whole-set value, and groups too small to judge drawn as faded open markers."""
+    groups = list(dict.fromkeys(table["Group"]))
+    models = list(dict.fromkeys(table["Model"]))
+    position = {group: index for index, group in enumerate(groups)}
+    # Models side by side within a group's row, so their intervals do not hide one another.
+    spread = 0.6 / max(len(models) - 1, 1) if len(models) > 1 else 0.0
+    figure = make_subplots(rows=1, cols=len(SUBGROUP_FOREST_METRICS), shared_yaxes=True, horizontal_spacing=0.04,
+                           subplot_titles=[f"{metric} [95% CI]" for metric in SUBGROUP_FOREST_METRICS])
+    for model_index, model in enumerate(models):
+        rows = table[table["Model"] == model]
+        colour = model_colour(model, model_index)
+        offset = (model_index - (len(models) - 1) / 2) * spread
+        whole = rows[rows["Group"] == WHOLE_SET_GROUP]
+        for column, metric in enumerate(SUBGROUP_FOREST_METRICS, start=1):
+            for small in (False, True):
+                part = rows[rows["too_small"] == small]
+                if part.empty:
+                    continue
+                figure.add_trace(go.Scatter(
+                    x=part[metric], y=[position[group] + offset for group in part["Group"]], mode="markers",
+                    name=model, legendgroup=model,
+                    showlegend=bool(column == 1 and (not small or rows["too_small"].all())),
+                    opacity=0.35 if small else 1.0,
+                    marker=dict(color=colour, size=8, symbol="circle-open" if small else "circle"),
+                    error_x=dict(type="data", symmetric=False, array=part[f"{metric} high"] - part[metric],
+                                 arrayminus=part[metric] - part[f"{metric} low"], color=colour, thickness=1.5),
+                    customdata=np.stack([part["Group"], part["n"], part["positives"], part[f"{metric} low"],
+                                         part[f"{metric} high"], part[f"{metric} gap"]], axis=1),
+                    hovertemplate=(f"%{{customdata[0]}}: {metric} %{{x:.3f}} [%{{customdata[3]:.3f}}, "
+                                   "%{customdata[4]:.3f}]<br>n=%{customdata[1]}, malignant %{customdata[2]}<br>"
+                                   "gap to all %{customdata[5]:+.3f}" + ("<br>too small to judge" if small else "")
+                                   + f"<extra>{model}</extra>")), row=1, col=column)
+            reference = float(whole[metric].iloc[0]) if len(whole) else float("nan")
+            if np.isfinite(reference):
+                figure.add_vline(x=reference, line=dict(color=colour, dash="dot", width=1), row=1, col=column)
+    figure.add_trace(go.Scatter(x=[None], y=[None], mode="markers", name="faded: too few malignant or benign "
+                                "images to judge", marker=dict(color="#999999", size=8, symbol="circle-open")))
+    figure.update_xaxes(range=[-0.02, 1.02])
+    figure.update_yaxes(tickmode="array", tickvals=list(range(len(groups))), autorange="reversed",
+                        ticktext=[_subgroup_label(table, group) for group in groups], row=1, col=1)
+    figure.update_layout(height=max(280, 120 + len(groups) * (24 + 8 * len(models))),
+                         margin=dict(l=10, r=10, t=60, b=10), legend=dict(orientation="h", y=-0.12),
+                         title=title or "AUC and sensitivity per subgroup (dotted: each model on the whole test set)")
+    return figure
+
+
+def _subgroup_label(table, group: str) -> str:
+    """A group's tick label, with its image counts when every model saw the same images of it."""
+    rows = table[table["Group"] == group]
+    counts = set(zip(rows["n"], rows["positives"]))
+    if len(counts) != 1:
+        return str(group)
+    count, positives = counts.pop()
+    small = ", too small" if rows["too_small"].all() else ""
+    return f"{group}<br><sup>n={count}, {positives} malignant{small}</sup>"

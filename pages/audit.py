@@ -32,7 +32,6 @@ from core.audit.runner import (
 )
 from core.config import DataSpec, TrainConfig
 from core.data.datasets import DatasetError, check_allowed
-from core.evaluation.compare import default_comparison_runs
 from core.figures import artefact_heatmap_figure, audit_localisation_figure, faithfulness_figure, randomisation_figure
 from core.models import get_model_spec
 from core.runs import RunStore
@@ -40,12 +39,13 @@ from core.training.jobs import Job
 from pages.common import (
     AUDIT_JOB,
     AUDIT_RUNS,
+    choose_model_runs,
     job_progress_and_stop,
     persistent,
     require_entrypoint,
     rerun_when_queue_changes,
-    run_choice_label,
     run_store,
+    runs_with_models,
     shared_job_queue,
 )
 
@@ -56,26 +56,6 @@ EXAMPLE_TILE = 112  # pixels per image of the before/after grid
 
 def audit_label(runs: list[dict]) -> str:
     return f"Audit of {len(runs)} run(s)"
-
-
-def auditable_runs(store: RunStore) -> list[dict]:
-    """Runs with a model to explain, newest first."""
-    return [run for run in store.list_runs() if run.get("status") in ("completed", "stopped")
-            and store.model_path(run["run_id"]).exists()]
-
-
-def choose_runs(runs: list[dict]) -> list[dict]:
-    by_id = {run["run_id"]: run for run in runs}
-    default = [run["run_id"] for run in default_comparison_runs(runs)]
-    initial = {} if AUDIT_RUNS in st.session_state else {"default": default}
-    chosen = st.multiselect("Runs", list(by_id), key=AUDIT_RUNS, format_func=lambda i: run_choice_label(by_id[i]),
-                            help="Default: the newest completed training run of each model. Tuning trials and "
-                                 "ablation cells are listed by their purpose and only audited when chosen.",
-                            **initial)
-    if chosen and chosen == default:
-        st.caption("The newest completed training run of each model (tuning trials and ablation cells only when "
-                   "you pick them).")
-    return [by_id[run_id] for run_id in chosen if run_id in by_id]
 
 
 def settings_widgets() -> tuple[AuditSettings | None, str]:
@@ -292,13 +272,13 @@ def main() -> None:
                "randomisation sanity check (Adebayo et al. 2018), artefact shortcuts, localisation against the "
                "lesion masks and faithfulness (deletion and insertion).")
     store = run_store()
-    available = auditable_runs(store)
+    available = runs_with_models(store)
     if not available:
         st.info("No trained runs yet. Train models first; the audit checks the maps of their stored models.")
         st.page_link("pages/train.py", label="Go to the Train page", icon=":material/model_training:")
         live()  # an audit queued before the runs were deleted still shows its progress
         return
-    runs = choose_runs(available)
+    runs = choose_model_runs(available, AUDIT_RUNS, "audited")
     settings, problem = settings_widgets()
     launch(store, runs, settings, problem)
     live()

@@ -9,6 +9,7 @@ import streamlit as st
 
 from core.config import PRESETS, DataSpec, TrainConfig
 from core.data.datasets import PreparedData, prepare_data
+from core.evaluation.ood import OodDetector, ood_detector
 from core.models import get_model_spec
 from core.runs import RunStore, default_runs_dir, run_label
 from core.training.jobs import Job, JobQueue, shared_queue
@@ -24,6 +25,10 @@ EXPLAIN_REQUEST = "explain.request"
 FROM_COMPARE = "explain.from_compare"  # Compare's last request, kept after it is consumed so reruns keep it
 AUDIT_RUNS = "audit.runs"  # the runs chosen on the Audit page (a multiselect's key)
 AUDIT_JOB = "audit.job"  # id of the audit job this session queued: its results or its error are shown
+EVALUATE_JOB = "compare.evaluate_job"  # id of the external evaluation this session queued on Compare
+PREDICT_RUNS = "predict.runs"  # the runs chosen on the Predict page (a multiselect's key)
+PREDICT_JOB = "predict.job"  # id of the folder prediction this session queued: its table is shown when it ends
+PREDICT_RESULT = "predict.result"  # the last prediction this session ran inline (uploads, small folders)
 VALUE_PREFIX, WIDGET_PREFIX = "value.", "widget."
 
 SPLIT_RATIOS = ["80:20", "70:30", "60:40"]  # the paper's train:test ratios
@@ -96,9 +101,9 @@ def run_store() -> RunStore:
 
 @st.cache_resource(max_entries=2, show_spinner="Preparing the dataset (decoded once, then cached on disk) ...")
 def load_prepared(spec: DataSpec, image_size: int, split: str, val_fraction: float, seed: int,
-                  max_images: int | None, cache_dir: str) -> PreparedData:
+                  max_images: int | None, cache_dir: str, group_near_duplicates: bool = True) -> PreparedData:
     config = TrainConfig(image_size=image_size, split=split, val_fraction=val_fraction, seed=seed,
-                         max_images=max_images)
+                         max_images=max_images, group_near_duplicates=group_near_duplicates)
     return prepare_data(spec, config, cache_dir)
 
 
@@ -106,7 +111,7 @@ def prepared_for(spec: DataSpec, config: TrainConfig) -> PreparedData:
     """The dataset as the Train page would train on it (same size, split and subset)."""
     config = config.resolved(spec)
     return load_prepared(spec, config.image_size, config.split, config.val_fraction, config.seed,
-                         config.max_images, str(run_store().cache_dir))
+                         config.max_images, str(run_store().cache_dir), config.group_near_duplicates)
 
 
 def dataset_label(spec: DataSpec) -> str:
@@ -117,6 +122,21 @@ def dataset_label(spec: DataSpec) -> str:
     return f"{spec.source} ({spec.format})"
 
 
+@st.cache_resource(max_entries=10, show_spinner="Fitting the out-of-distribution score (once per run) ...")
+def cached_ood_detector(runs_dir: str, run_id: str, model_version: float) -> tuple[OodDetector | None, str]:
+    """A run's OOD detector for the whole server, or None and why it has none. A stored one is read from the
+    run's folder; a missing one is fitted on the run's own dataset and stored. `model_version` (model.pt's
+    mtime) refits a resumed run's."""
+    store = RunStore(runs_dir)
+    run = store.load(run_id)
+    if run is None:
+        return None, f"no run {run_id}"
+    try:
+        return ood_detector(run, store), ""
+    except ValueError as error:
+        return None, str(error)
+
+
 def run_choice_label(run: dict) -> str:
     """How every page names a run in its lists: model, purpose when it is a tuning trial or an ablation
     cell, and run id."""
@@ -124,9 +144,12 @@ def run_choice_label(run: dict) -> str:
 
 
 # Which page owns each kind of queued job: the only page that offers to stop it.
-JOB_PAGES = {"train": "Train", "tune": "Tune", "ablation": "Ablation", "audit": "Audit"}
+JOB_PAGES = {"train": "Train", "tune": "Tune", "ablation": "Ablation", "audit": "Audit", "evaluate": "Compare",
+             "predict": "Predict"}
 # What Stop keeps, by kind of job.
-STOP_HELP = {"audit": "Ends it between two steps; every result finished so far is stored and reused next time."}
+STOP_HELP = {"audit": "Ends it between two steps; every result finished so far is stored and reused next time.",
+             "evaluate": "Ends it between two batches; the runs evaluated so far keep their stored predictions.",
+             "predict": "Ends it between two batches; nothing of it is kept (predictions are not stored)."}
 DEFAULT_STOP_HELP = "Ends it cleanly after the current batch; finished work and the best checkpoint are kept."
 SEEN_QUEUE = "queue.seen"  # + page key: (current job, busy) this page was last drawn for
 
@@ -173,3 +196,27 @@ def confirm_long_work(estimate, key: str) -> bool:
     st.warning(f"This is {estimate.describe()} of training on this machine, {estimate.explain()}.",
                icon=":material/timer:")
     return st.checkbox(f"I understand this takes {estimate.describe()}", key=f"{key}.{estimate.describe()}")
+
+
+def runs_with_models(store: RunStore) -> list[dict]:
+    """Runs with a model to apply or explain (completed or stopped, model.pt present), newest first."""
+    return [run for run in store.list_runs() if run.get("status") in ("completed", "stopped")
+            and store.model_path(run["run_id"]).exists()]
+
+
+def choose_model_runs(runs: list[dict], key: str, purpose: str) -> list[dict]:
+    """A multiselect of `runs` defaulting to the newest completed training run of each model; tuning trials
+    and ablation cells are listed by their purpose and used (`purpose`: "audited") only when chosen."""
+    from core.evaluation.compare import default_comparison_runs
+
+    by_id = {run["run_id"]: run for run in runs}
+    default = [run["run_id"] for run in default_comparison_runs(runs)]
+    initial = {} if key in st.session_state else {"default": default}
+    chosen = st.multiselect("Runs", list(by_id), key=key, format_func=lambda i: run_choice_label(by_id[i]),
+                            help="Default: the newest completed training run of each model. Tuning trials and "
+                                 f"ablation cells are listed by their purpose and only {purpose} when chosen.",
+                            **initial)
+    if chosen and chosen == default:
+        st.caption("The newest completed training run of each model (tuning trials and ablation cells only when "
+                   "you pick them).")
+    return [by_id[run_id] for run_id in chosen if run_id in by_id]

@@ -6,7 +6,8 @@ from __future__ import annotations
 import pandas as pd
 import streamlit as st
 
-from core.data.datasets import DatasetError
+from core.config import DataSpec, TrainConfig
+from core.data.datasets import FORMATS, DatasetError, detect_format
 from core.evaluation.compare import (
     IMAGE_FILTERS,
     PAUC_NOTE,
@@ -19,30 +20,234 @@ from core.evaluation.compare import (
     filter_images,
     per_image_table,
 )
+from core.evaluation.external import INTERNAL_TEST, EvaluationOutcome, ExternalSet, common_external_sets, evaluate_runs
 from core.evaluation.report import report_html, shortfall_lines
-from core.figures import BRUSH, PICKED, disagreement_scatter, probability_spread_chart
+from core.evaluation.shift import shift_figures, shift_rows, shift_table
+from core.evaluation.subgroups import (
+    comparison_dataset,
+    comparison_subgroups,
+    display_subgroup_table,
+    subgroup_choices,
+)
+from core.figures import BRUSH, PICKED, disagreement_scatter, probability_spread_chart, subgroup_forest_figure
 from core.runs import RunStore, is_ordinary_run, run_purpose
 from pages.common import (
     DATA_SPEC,
+    EVALUATE_JOB,
     EXPLAIN_REQUEST,
     current_config,
     current_data_spec,
+    job_progress_and_stop,
     persistent,
     prepared_for,
     require_entrypoint,
+    rerun_when_queue_changes,
     run_choice_label,
     run_store,
+    shared_job_queue,
 )
 
 SPREAD_ROWS = 60  # images the all-models view draws at once (one row each)
 
 
+TEST_SET_KEY = "compare.test_set"  # the test-set selectbox (the evaluation sets it to the set it made)
+
+
 @st.cache_data(show_spinner="Bootstrapping intervals ...", max_entries=8)
 def cached_comparison(runs_dir: str, run_ids: tuple[str, ...], threshold: float | None,
-                      target_sensitivity: float | None) -> Comparison:
+                      target_sensitivity: float | None, test_set: str = INTERNAL_TEST) -> Comparison:
     store = RunStore(runs_dir)
     runs = [run for run in (store.load(run_id) for run_id in run_ids) if run is not None]
-    return build_comparison(store, runs, threshold, target_sensitivity)
+    return build_comparison(store, runs, threshold, target_sensitivity, test_set=test_set)
+
+
+@st.cache_data(show_spinner="Bootstrapping the AUC change ...", max_entries=8)
+def cached_shift(runs_dir: str, run_ids: tuple[str, ...], threshold: float | None, target_sensitivity: float | None,
+                 test_set: str) -> list[dict]:
+    internal = cached_comparison(runs_dir, run_ids, threshold, target_sensitivity)
+    external = cached_comparison(runs_dir, run_ids, threshold, target_sensitivity, test_set)
+    return shift_rows(internal, external)
+
+
+def choose_test_set(store: RunStore, runs: list[dict]) -> ExternalSet | None:
+    """The runs' own test part, or an external set every chosen run has been evaluated on."""
+    available = common_external_sets(store, runs)
+    labels = {INTERNAL_TEST: "The runs' own test part (internal)", **{item.key: item.describe() for item in available}}
+    if st.session_state.get(TEST_SET_KEY) not in labels:
+        st.session_state[TEST_SET_KEY] = INTERNAL_TEST  # a set the newly chosen runs lack
+    key = st.selectbox("Test set", list(labels), format_func=labels.get, key=TEST_SET_KEY,
+                       help="External sets are other labelled datasets every chosen run was evaluated on (below, or "
+                            "`python -m core evaluate`). Thresholds chosen on validation still use each run's "
+                            "internal validation part.")
+    return next((item for item in available if item.key == key), None)
+
+
+def start_evaluation(runs: list[dict], spec: DataSpec) -> int:
+    """Queue the external evaluation; it reports runs done and which one it is on."""
+    store, run_ids = run_store(), [run["run_id"] for run in runs]
+
+    def task(stop, callback):
+        try:
+            present = [run for run in (store.load(run_id) for run_id in run_ids) if run is not None]
+            outcome = evaluate_runs(store, present, spec, callback.on_progress, stop)
+        except InterruptedError:
+            return "stopped", "stopped by request; the runs evaluated before keep their stored predictions"
+        except (DatasetError, ValueError, OSError) as error:
+            return "failed", str(error)
+        callback.on_result(outcome)
+        return "completed", None
+
+    config = TrainConfig.from_dict(runs[0].get("config") or {})
+    label = f"Evaluation of {len(runs)} run(s) on {spec.source}"
+    return shared_job_queue().submit_task(label, config, DataSpec(), task, kind="evaluate")
+
+
+def evaluation_launcher(runs: list[dict], finished) -> None:
+    """Another labelled dataset, in any supported format: every chosen run is applied to all of it."""
+    with st.expander("Evaluate on another dataset (external validation)", icon=":material/travel_explore:"):
+        left, right = st.columns([3, 1])
+        path = left.text_input("Dataset path", key="compare.external_path",
+                               placeholder="/data/ham10000 or /data/derm7pt/labels.csv",
+                               help="Any layout the Data page reads: class folders, HAM10000, or a CSV beside its "
+                                    "images. Each run sees the images at its own size and normalisation.")
+        data_format = right.selectbox("Format", ["auto", *[name for name in FORMATS if name != "synthetic"]],
+                                      key="compare.external_format")
+        if st.button(f"Evaluate the {len(runs)} chosen run(s)", key="compare.evaluate", icon=":material/play_arrow:",
+                     disabled=not path.strip()):
+            try:
+                detect_format(path.strip())
+            except DatasetError as error:
+                st.error(f"Cannot evaluate on {path.strip()}: {error}")
+                return
+            spec = DataSpec(source=path.strip(), format=data_format)
+            st.session_state[EVALUATE_JOB] = start_evaluation(runs, spec)
+            st.toast("Queued: the evaluation runs in the background queue (progress below).")
+        st.caption("Predictions are stored with each run and reused: evaluating again on the same files is instant.")
+    live_evaluation()
+    show_evaluation_outcome(finished)
+
+
+@st.fragment(run_every=2.0)
+def live_evaluation() -> None:
+    job_progress_and_stop("evaluate", "compare", "an evaluation started here will start after it")
+    rerun_when_queue_changes("compare")
+
+
+def finished_evaluation():
+    """The evaluation this session queued, once it has ended (then forgotten); a completed one makes its set
+    the chosen test set. Called before the test-set selectbox is drawn, which may not be changed after."""
+    job_id = st.session_state.get(EVALUATE_JOB)
+    job = next((job for job in shared_job_queue().snapshot().jobs if job.job_id == job_id), None)
+    if job is None or job.active:
+        return None
+    st.session_state.pop(EVALUATE_JOB)
+    if job.state == "completed" and isinstance(job.result, EvaluationOutcome):
+        st.session_state[TEST_SET_KEY] = job.result.external.key
+    return job
+
+
+def show_evaluation_outcome(job) -> None:
+    if job is None:
+        return
+    if job.state != "completed" or not isinstance(job.result, EvaluationOutcome):
+        st.error(f"The evaluation {job.state}: {job.error}")
+        return
+    outcome = job.result
+    st.success(f"Evaluated on {outcome.external.describe()}: {len(outcome.computed)} run(s) computed, "
+               f"{len(outcome.reused)} reused, in {outcome.seconds:.0f} s. It is now the chosen test set.",
+               icon=":material/travel_explore:")
+    for warning in dict.fromkeys(outcome.warnings):
+        st.warning(warning)
+    if outcome.skipped:
+        st.caption(f"{len(outcome.skipped)} unreadable or missing image(s) skipped, e.g. "
+                   + ", ".join(image_id for image_id, _ in outcome.skipped[:3]) + ".")
+
+
+def shift_view(store: RunStore, runs: list[dict], threshold, sensitivity, external: ExternalSet,
+               config: dict) -> None:
+    """Internal against external: AUC with intervals, calibration side by side, and the thresholds chosen
+    on internal validation applied to the external images."""
+    st.subheader(f"Shift: internal test part vs {external.name}")
+    run_ids = tuple(run["run_id"] for run in runs)
+    rows = cached_shift(str(store.root), run_ids, threshold, sensitivity, external.key)
+    if not rows:
+        return
+    st.dataframe(shift_table(rows), hide_index=True, width="stretch", key="compare.shift_table")
+    st.caption("Each model keeps the threshold chosen on its internal validation part (the operating point above); "
+               "the external sensitivity and specificity are what that threshold gives on the external images. "
+               "AUC change: external minus internal, 95% interval from independent bootstraps of the two sets.")
+    internal = cached_comparison(str(store.root), run_ids, threshold, sensitivity)
+    outside = cached_comparison(str(store.root), run_ids, threshold, sensitivity, external.key)
+    for column, (name, figure) in zip(st.columns([2, 3]), shift_figures(internal, outside, rows,
+                                                                       external.name).items()):
+        column.plotly_chart(figure, width="stretch", config=config, key=f"compare.shift.{name}")
+
+
+SUBGROUP_NAMES = {"sex": "Sex", "age": "Age band", "localization": "Body site (localization)",
+                  "site": "Acquisition site (dataset)", "dx": "Diagnosis (dx)", "ita": "Skin tone (ITA)"}
+
+
+@st.cache_data(show_spinner=False, max_entries=16)
+def cached_subgroup_choices(spec: DataSpec) -> list[str]:
+    return subgroup_choices(spec)
+
+
+@st.cache_data(show_spinner="Measuring groups and bootstrapping intervals ...", max_entries=8)
+def cached_subgroups(runs_dir: str, run_ids: tuple[str, ...], threshold: float | None,
+                     target_sensitivity: float | None, test_set: str, by: str) -> pd.DataFrame:
+    comparison = cached_comparison(runs_dir, run_ids, threshold, target_sensitivity, test_set)
+    return comparison_subgroups(comparison, by, RunStore(runs_dir).cache_dir)
+
+
+def subgroups_section(comparison: Comparison, threshold, sensitivity, config: dict) -> None:
+    """Metrics per subgroup of the test images, as a forest plot and a table; computed when asked for."""
+    st.subheader("Subgroups")
+    try:
+        choices = cached_subgroup_choices(comparison_dataset(comparison))
+    except DatasetError as error:
+        st.info(f"No subgroups: {error}.")
+        return
+    by = st.selectbox("Group the test images by", [None, *choices], key="compare.subgroups_by",
+                      format_func=lambda key: "(choose a grouping)" if key is None else SUBGROUP_NAMES.get(key, key),
+                      help="HAM10000's metadata, any categorical column of a CSV dataset, or skin tone by the "
+                           "Individual Typology Angle measured on skin outside the lesion (very light > 55°, light, "
+                           "intermediate, tan, brown, dark < −30°).")
+    if by is None:
+        st.caption("Metrics per group with 95% intervals and each group's gap to the whole set; groups with fewer "
+                   "than 10 malignant or 10 benign images are marked too small to judge.")
+        return
+    run_ids = tuple(entry.run["run_id"] for entry in comparison.entries)
+    try:
+        table = cached_subgroups(str(run_store().root), run_ids, threshold, sensitivity, comparison.test_set, by)
+    except (DatasetError, ValueError, OSError) as error:
+        st.error(f"Cannot group by {by}: {error}")
+        return
+    st.plotly_chart(subgroup_forest_figure(table, f"AUC and sensitivity by {SUBGROUP_NAMES.get(by, by).lower()}"),
+                    width="stretch", config=config, key="compare.subgroups_figure")
+    st.dataframe(display_subgroup_table(table), hide_index=True, width="stretch", key="compare.subgroups_table")
+    small = sorted(set(table.loc[table["too_small"] & (table["Group"] != "All"), "Group"]))
+    st.caption("Gap: the group's value minus the model's value on the whole set. "
+               + (f"Too small to judge (fewer than 10 malignant or 10 benign images): {', '.join(small)}."
+                  if small else "Every group has at least 10 malignant and 10 benign images."))
+    st.download_button("Subgroup table as CSV", table.to_csv(index=False, float_format="%.4f"),
+                       file_name=f"subgroups-{by}.csv", mime="text/csv", key="compare.subgroups_csv")
+
+
+def near_duplicate_badges(runs: list[dict]) -> None:
+    """How many near-duplicate pairs cross each run's splits (recorded when it trained), as one row of badges."""
+    badges = []
+    for run in runs:
+        record = (run.get("dataset") or {}).get("near_duplicates")
+        name = run_choice_label(run).split(" · ")[0]
+        if record is None:
+            badges.append(f":gray-badge[:material/help: {name}: near-duplicates not checked]")
+            continue
+        crossing = int(record.get("cross_split_pairs", 0))
+        badges.append(f":orange-badge[:material/warning: {name}: {crossing} near-duplicate pair(s) across splits]"
+                      if crossing else f":green-badge[:material/check: {name}: no near-duplicates across splits]")
+    st.markdown(" ".join(badges), help="Near-duplicate images (the same picture resized, recompressed or cropped) "
+                "in both the training and the test side inflate test scores. Splits keep them together by default; "
+                "`python -m core check-data PATH` lists them.")
 
 
 def current_dataset_fingerprint(completed: list[dict]) -> str | None:
@@ -181,6 +386,9 @@ def image_explorer(comparison: Comparison) -> None:
     caption = (f"{len(picked)} image(s) picked." if picked else
                "Click dots (shift-click for more) or drag a box in the two-model view to pick images.")
     st.caption(caption + " 'called malignant' counts the models whose P(malignant) reaches their threshold.")
+    if comparison.external:
+        st.caption("Explain opens images of the runs' own datasets; choose the internal test part to open these.")
+        return
     target = picked or shown["image_id"].head(20).tolist()
     label = f"Explain the {len(picked)} picked image(s)" if picked else f"Explain the first {len(target)} shown"
     if st.button(label, key="compare.explain_picked", icon=":material/visibility:"):
@@ -198,8 +406,13 @@ def main() -> None:
         st.info("No completed runs to compare yet. Train models first (Train all five gives the paper's comparison).")
         st.page_link("pages/train.py", label="Go to the Train page", icon=":material/model_training:")
         return
+    near_duplicate_badges(runs)
     threshold, sensitivity = threshold_widgets()
-    comparison = cached_comparison(str(store.root), tuple(run["run_id"] for run in runs), threshold, sensitivity)
+    finished = finished_evaluation()
+    external = choose_test_set(store, runs)
+    evaluation_launcher(runs, finished)
+    comparison = cached_comparison(str(store.root), tuple(run["run_id"] for run in runs), threshold, sensitivity,
+                                   external.key if external else INTERNAL_TEST)
     if len(comparison.entries) < len(runs):
         st.warning(f"{len(runs) - len(comparison.entries)} run(s) have no readable predictions.csv and are left out.")
     if not comparison.entries:
@@ -207,7 +420,8 @@ def main() -> None:
     if len(comparison.entries) > 1 and not comparison.paired:
         st.warning("These runs were tested on different images (other data, split or seed): the comparison is "
                    "not paired, so no significance tests are shown and differences mix models with test sets.")
-    st.subheader("Metrics on the test images, with 95% bootstrap intervals")
+    where = f"the {external.name} images (external)" if external else "the test images"
+    st.subheader(f"Metrics on {where}, with 95% bootstrap intervals")
     st.markdown(f"**Operating point:** {comparison.operating_point}.")
     for line in shortfall_lines(comparison):
         st.warning(line)
@@ -230,6 +444,9 @@ def main() -> None:
             if name == "Calibration":
                 column.caption("Expected calibration error and Brier score (lower is better): " + "; ".join(
                     f"{m} {e:.3f} / {b:.3f}" for m, e, b in calibration_columns.itertuples(index=False)))
+    if external is not None:
+        shift_view(store, runs, threshold, sensitivity, external, config)
+    subgroups_section(comparison, threshold, sensitivity, config)
     image_explorer(comparison)
 
 

@@ -6,8 +6,9 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
-from core.config import DataSpec
+from core.config import DataSpec, TrainConfig
 from core.data.datasets import (
+    CLASS_NAMES,
     FORMATS,
     LOCAL_LAYOUTS,
     DatasetError,
@@ -15,6 +16,7 @@ from core.data.datasets import (
     UnrecognisedLayoutError,
     describe_given_split,
 )
+from core.data.duplicates import DEFAULT_THRESHOLD, HASH_BITS
 from core.data.synthetic import CONFOUNDER_KINDS
 from core.figures import class_counts_figure, outline_mask
 from pages.common import (
@@ -29,6 +31,10 @@ from pages.common import (
 )
 
 SAMPLES_PER_CLASS = 6
+PAIRS_SHOWN = 4  # near-duplicate pairs drawn as thumbnails; the table lists them all
+PAIR_COLUMN_LABELS = {"id_a": "Image A", "id_b": "Image B", "distance": "Distance (bits)", "split_a": "Split A",
+                      "split_b": "Split B", "label_a": "Label A", "label_b": "Label B",
+                      "conflicting_labels": "Conflicting labels", "crosses_splits": "Across the split"}
 
 
 def parse_label_map(text: str) -> dict[str, int]:
@@ -100,6 +106,9 @@ def split_widgets() -> None:
         persistent(st.number_input, "Seed", "seed", 42, min_value=0, step=1)
     with columns[3]:
         persistent(st.number_input, "Use at most N images (0 = all)", "max_images", 0, min_value=0, step=100)
+    persistent(st.toggle, "Keep near-duplicates together", "group_near_duplicates", True,
+               help="Images that are the same picture resized, recompressed or slightly cropped stay on one side "
+                    "of the split, as one lesion's images do. Splits the dataset gives itself are kept as given.")
 
 
 def show_summary(data: PreparedData) -> None:
@@ -121,6 +130,7 @@ def show_summary(data: PreparedData) -> None:
         st.caption(given_split)
     st.plotly_chart(class_counts_figure(counts), width="stretch")
     show_samples(data)
+    show_near_duplicates(data, current_config())
     if data.skipped:
         with st.expander(f"Skipped images ({len(data.skipped)})"):
             st.dataframe(pd.DataFrame(data.skipped, columns=["image", "reason"]), hide_index=True, width="stretch")
@@ -160,6 +170,48 @@ def show_samples(data: PreparedData) -> None:
     st.image(images, caption=captions, width=150)
     if data.masks is not None:
         st.caption("Green outline: the ground-truth lesion mask.")
+
+
+@st.cache_data(max_entries=4, show_spinner=False)
+def near_duplicate_pairs(spec: DataSpec, config: TrainConfig, _data: PreparedData) -> pd.DataFrame:
+    """The pairs core found when it prepared the dataset, as the page shows them (one entry per dataset and split)."""
+    pairs = _data.near_duplicate_pairs()
+    return pairs.assign(label_a=pairs["label_a"].map(CLASS_NAMES.__getitem__),
+                        label_b=pairs["label_b"].map(CLASS_NAMES.__getitem__))
+
+
+def show_near_duplicates(data: PreparedData, config: TrainConfig) -> None:
+    st.subheader("Near-duplicates")
+    pairs = near_duplicate_pairs(data.spec, config.resolved(data.spec), data)
+    method = (f"Perceptual hashes (pHash and dHash of the whole image and of five 3% crops) at most "
+              f"{DEFAULT_THRESHOLD} of {HASH_BITS} bits apart: the same picture resized, recompressed or slightly "
+              "cropped.")
+    if pairs.empty:
+        st.caption(f"No near-duplicate images. {method}")
+        return
+    columns = st.columns(3)
+    columns[0].metric("Pairs", len(pairs))
+    columns[1].metric("Across the split", int(pairs["crosses_splits"].sum()))
+    columns[2].metric("Conflicting labels", int(pairs["conflicting_labels"].sum()))
+    if data.duplicates_grouped:
+        kept = ("The split keeps near-duplicates together; the pairs still across it were split by the dataset "
+                "itself (its own validation or test part)." if pairs["crosses_splits"].any()
+                else "The split keeps near-duplicates together.")
+    else:
+        kept = "Near-duplicate grouping is off: pairs across the split leak held-out images into training."
+    st.caption(f"{kept} {method}")
+    if pairs["conflicting_labels"].any():
+        st.warning("Some near-duplicate pairs carry different labels: one of each is probably mislabelled.",
+                   icon=":material/warning:")
+    st.dataframe(pairs, hide_index=True, width="stretch",
+                 column_config=PAIR_COLUMN_LABELS)
+    rows = {image_id: row for row, image_id in enumerate(data.table["image_id"].astype(str))}
+    for column, pair in zip(st.columns(PAIRS_SHOWN), pairs.head(PAIRS_SHOWN).itertuples()):
+        flag = " · **conflicting labels**" if pair.conflicting_labels else ""
+        column.caption(f"Distance {pair.distance}{flag}")
+        column.image([data.images[rows[pair.id_a]], data.images[rows[pair.id_b]]], width=88,
+                     caption=[f"{pair.id_a} · {pair.label_a} · {pair.split_a}",
+                              f"{pair.id_b} · {pair.label_b} · {pair.split_b}"])
 
 
 def main() -> None:

@@ -38,6 +38,8 @@ from core.config import DataSpec, TrainConfig
 from core.data.datasets import DatasetError, PreparedData
 from core.data.images import ImageError, decode_image
 from core.evaluation.compare import default_comparison_runs
+from core.evaluation.ood import describe_score
+from core.evaluation.predict import score_images
 from core.figures import colour_bar_figure, labelled_grid, localisation_bars_figure, pairwise_matrix_figure
 from core.models import get_model_spec
 from core.runs import RunStore, is_ordinary_run
@@ -47,6 +49,7 @@ from pages.common import (
     EXPLAIN_REQUEST,
     FROM_COMPARE,
     VALUE_PREFIX,
+    cached_ood_detector,
     current_data_spec,
     dataset_label,
     load_prepared,
@@ -163,7 +166,7 @@ def run_data(store: RunStore, run: dict) -> PreparedData:
     recorded = (run.get("dataset") or {}).get("spec")
     spec = DataSpec(**recorded) if recorded else current_data_spec()
     return load_prepared(spec, config.image_size, config.split, config.val_fraction, config.seed, config.max_images,
-                         str(store.cache_dir))
+                         str(store.cache_dir), config.group_near_duplicates)
 
 
 def reference_data(store: RunStore, reference: dict) -> PreparedData | None:
@@ -315,15 +318,22 @@ def sanity_verdicts(store: RunStore, runs: list[dict], method: str) -> list[dict
 
 
 def show_row(explained: ExplainedImage, settings: dict, notes: list[str],
-             verdicts: list[dict | None] | None = None) -> np.ndarray:
+             verdicts: list[dict | None] | None = None,
+             out_of_distribution: list[tuple[bool, str]] | None = None) -> np.ndarray:
     panels = explanation_panels(explained, settings["opacity"], settings["colour_map"], settings["shared"],
                                 settings["show_mask"])
     count = len(panels)
     # One row of columns per kind of content: a row is as tall as its tallest cell, so titles, heatmaps and
     # contours each start at one height whatever the lengths of the names and captions above them.
-    for column, (title, subtitle, _) in zip(st.columns(count), panels):
+    unlike = out_of_distribution or [(False, "")] * count
+    for column, (title, subtitle, _), (flagged, ood_text) in zip(st.columns(count), panels, unlike):
         column.markdown(f"**{title}**")
         column.caption(subtitle.replace("->", "→"))
+        # Beside P(malignant), which it qualifies, not below the maps where it is read too late.
+        if flagged:
+            column.warning(ood_text, icon="⚠️")
+        elif ood_text:
+            column.caption(ood_text)
     for column, (_, _, images) in zip(st.columns(count), panels):
         column.image(images[0], width="stretch")
     show_colour_bar(explained, settings)
@@ -352,7 +362,24 @@ def show_row(explained: ExplainedImage, settings: dict, notes: list[str],
     if unaudited:
         st.caption(f"{method_name} of {', '.join(unaudited)} not audited yet: the Audit page's randomisation sanity "
                    "check tells whether these maps depend on what the model learnt.")
-    return labelled_grid(panels)
+    return labelled_grid([(title + (" · OOD" if flagged else ""), subtitle, images)
+                          for (title, subtitle, images), (flagged, _) in zip(panels, unlike)])
+
+
+def upload_ood(store: RunStore, runs: list[dict], explainers: list[CamExplainer],
+               chosen: ChosenImage) -> list[tuple[bool, str]]:
+    """Per run: whether the upload is beyond its out-of-distribution threshold, and the line saying so. An
+    upload is outside every run's own data, so its P(malignant) needs this caution."""
+    lines = []
+    for run, explainer, image in zip(runs, explainers, chosen.inputs):
+        detector, reason = cached_ood_detector(str(store.root), run["run_id"], model_version(store, run["run_id"]))
+        if detector is None:
+            lines.append((False, f"No OOD score: {reason}."))
+            continue
+        scored = explainer.with_model(lambda model, run=run, image=image, detector=detector: score_images(
+            run, store, image[None], model, detector))
+        lines.append(describe_score(float(scored.ood_scores[0]), detector.threshold))
+    return lines
 
 
 def show_colour_bar(explained: ExplainedImage, settings: dict) -> None:
@@ -516,7 +543,8 @@ def main() -> None:
     explained = compute_row(explainers, chosen, settings, tuple(run["run_id"] for run in runs))
     if explained is None:
         return
-    figure = show_row(explained, settings, chosen.notes, sanity_verdicts(store, runs, settings["method"]))
+    unlike = upload_ood(store, runs, explainers, chosen) if source == "Upload" else None
+    figure = show_row(explained, settings, chosen.notes, sanity_verdicts(store, runs, settings["method"]), unlike)
     buffer = io.BytesIO()
     Image.fromarray(figure).save(buffer, format="PNG")
     st.download_button("Download the figure (PNG)", buffer.getvalue(),

@@ -77,6 +77,9 @@ def hyperparameter_widgets() -> None:
                    max_value=0.5, step=0.05)
         persistent(st.selectbox, "Train:test split", "split", quick.split, options=SPLIT_RATIOS)
         persistent(st.number_input, "Seed", "seed", quick.seed, min_value=0, step=1)
+        persistent(st.toggle, "Keep near-duplicates together", "group_near_duplicates", quick.group_near_duplicates,
+                   help="Images that are the same picture resized, recompressed or slightly cropped stay on one side "
+                        "of the split, as one lesion's images do (the Data page lists them).")
     with fourth:
         persistent(st.toggle, "Augmentation", "augment", quick.augment,
                    help="Random horizontal flip, rotation and colour jitter, on tensors")

@@ -238,8 +238,10 @@ def test_compare_page_states_its_runs_and_sends_disagreements_to_explain(trained
     app.switch_page("pages/compare.py").run()
     assert not app.exception, app.exception
     assert any("newest completed training run of each model" in caption.value for caption in app.caption)
-    assert any("pAUC (sens ≥ 0.8)" in caption.value and "0.02 a random one" in caption.value
-               for caption in app.caption)
+    assert any("pAUC (TPR ≥ 0.8, ISIC 2024)" in caption.value and "0.02 a random one" in caption.value
+               and "AUC (sens ≥ 0.8, ISIC 2017–19)" in caption.value for caption in app.caption)
+    assert {"AUC (sens ≥ 0.8, ISIC 2017–19)", "pAUC (TPR ≥ 0.8, ISIC 2024)", "Average precision"} <= set(
+        app.dataframe[0].value.columns)
     table = app.dataframe[0].value
     assert list(table.columns[:5]) == ["Model", "Threshold", "AUC", "Sensitivity (recall)", "Specificity"]
     app.selectbox(key="compare.explorer_filter").set_value("True malignant").run()

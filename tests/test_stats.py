@@ -13,7 +13,6 @@ from core.evaluation.stats import (
     delong_test,
     mcnemar_test,
     metrics_from_counts,
-    partial_auc_above_sensitivity,
     resampled_auc,
     threshold_for_sensitivity,
 )
@@ -135,19 +134,6 @@ def test_threshold_at_sensitivity_on_a_constructed_case():
     result = compute_metrics(labels, scores, threshold)
     assert result["recall"] == 0.8 and result["specificity"] == pytest.approx(2 / 3)
     assert threshold_for_sensitivity(labels, scores, 1.0) == 0.2
-
-
-def test_partial_auc_above_80_percent_sensitivity():
-    labels = np.array([0] * 50 + [1] * 50)
-    assert partial_auc_above_sensitivity(labels, labels.astype(float)) == pytest.approx(0.2)
-    diagonal = np.linspace(0, 1, 100)
-    chance = partial_auc_above_sensitivity(np.tile([0, 1], 5000), np.repeat(diagonal, 100)[:10000])
-    assert chance == pytest.approx(0.02, abs=0.002)
-    labels, scores = scored(count=400)
-    fpr, tpr, _ = skm.roc_curve(labels, scores)
-    grid = np.linspace(0.8, 1, 20001)
-    numeric = np.trapezoid(1 - np.interp(grid, tpr, fpr), grid)
-    assert partial_auc_above_sensitivity(labels, scores) == pytest.approx(numeric, abs=2e-3)
 
 
 def test_auc_of_hanley_and_mcneils_published_ct_example():

@@ -17,9 +17,18 @@ import numpy as np
 import pandas as pd
 
 from core.config import DataSpec, TrainConfig
+from core.data.duplicates import (
+    DEFAULT_THRESHOLD,
+    find_near_duplicates,
+    hashes_path,
+    load_or_hash_images,
+    merge_groups,
+    pairs_table,
+    summarise_pairs,
+)
 from core.data.images import IMAGE_SUFFIXES, ImageError, decode_images_cached, decode_mask
 from core.data.splits import assign_splits, split_fingerprint, subsample
-from core.data.synthetic import load_or_generate_synthetic
+from core.data.synthetic import load_or_generate_synthetic, synthetic_cache_path
 
 FORMATS = ("synthetic", "imagefolder", "ham10000", "csv")
 TABLE_COLUMNS = ("image_id", "label", "group", "preset_split", "path", "mask_path")
@@ -73,6 +82,9 @@ class PreparedData:
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (image_id, reason)
     fingerprint: str = ""
     spec: DataSpec | None = None  # how it was loaded, so a stopped run can load it again to resume
+    hashes: np.ndarray | None = None  # perceptual hashes of the rows (core.data.duplicates)
+    near_duplicates: np.ndarray | None = None  # K x 3: row a, row b, distance, at DEFAULT_THRESHOLD
+    duplicates_grouped: bool = False  # whether the split kept near-duplicates on one side
 
     def indices(self, split: str) -> np.ndarray:
         return np.flatnonzero(self.table["split"].to_numpy() == split)
@@ -83,6 +95,16 @@ class PreparedData:
             labels = self.table.loc[self.table["split"] == split, "label"]
             counts[split] = {name: int((labels == value).sum()) for value, name in enumerate(CLASS_NAMES)}
         return counts
+
+    def near_duplicate_pairs(self, threshold: int = DEFAULT_THRESHOLD) -> pd.DataFrame:
+        """The near-duplicate pairs with their ids, splits and labels (core.data.duplicates.PAIR_COLUMNS)."""
+        if threshold == DEFAULT_THRESHOLD and self.near_duplicates is not None:
+            pairs = self.near_duplicates
+        elif self.hashes is not None:
+            pairs = find_near_duplicates(self.hashes, threshold)
+        else:
+            pairs = np.zeros((0, 3), dtype=np.int64)
+        return pairs_table(self.table, pairs)
 
     def describe(self) -> dict:
         """The dataset block of run.json."""
@@ -97,6 +119,7 @@ class PreparedData:
             "has_masks": self.masks is not None,
             "skipped": len(self.skipped),
             "spec": self.spec.to_dict() if self.spec is not None else None,
+            "near_duplicates": summarise_pairs(self.near_duplicate_pairs(), self.duplicates_grouped),
         }
 
 
@@ -254,11 +277,35 @@ def prepare_data(
     else:
         prepared = _prepare_files(spec, config, cache_dir, progress)
     _check_classes(prepared)
-    prepared.table["split"] = assign_splits(prepared.table, config.test_fraction, config.val_fraction, config.seed)
+    if prepared.hashes is not None:
+        prepared.near_duplicates = find_near_duplicates(prepared.hashes)
+    groups = None
+    if config.group_near_duplicates and prepared.near_duplicates is not None:
+        groups = merge_groups(prepared.table["group"].astype(str), prepared.near_duplicates)
+        prepared.duplicates_grouped = True
+    prepared.table["split"] = assign_splits(prepared.table, config.test_fraction, config.val_fraction, config.seed,
+                                            groups)
     prepared.spec = spec
     for split in ("train", "val", "test"):
         if len(prepared.indices(split)) == 0:
-            raise DatasetError(f"the {split} part is empty: the dataset has too few images for this split")
+            pairs = len(prepared.near_duplicates) if prepared.duplicates_grouped else 0
+            grouped = (f"; its {pairs} near-duplicate pairs are kept on one side (near-duplicate grouping can be "
+                       "switched off)") if pairs else ""
+            raise DatasetError(f"the {split} part is empty: the dataset has too few images for this split{grouped}")
+    return prepared
+
+
+def load_dataset_images(spec: DataSpec, image_size: int, cache_dir: Path | str | None,
+                        progress: Callable[[int, int], None] | None = None) -> PreparedData:
+    """Every image of a dataset, decoded (cached) at `image_size`, with no split: a set that a stored run
+    is evaluated on as a whole (external validation). Unreadable files are skipped and listed."""
+    config = TrainConfig(image_size=image_size)
+    prepared = _prepare_synthetic(spec, config, cache_dir) if spec.is_synthetic else _prepare_files(
+        spec, config, cache_dir, progress)
+    if len(prepared.table) == 0:
+        raise DatasetError("no readable images in the dataset")
+    prepared.table["split"] = "external"
+    prepared.spec = spec
     return prepared
 
 
@@ -295,6 +342,9 @@ def _prepare_synthetic(spec: DataSpec, config: TrainConfig, cache_dir) -> Prepar
         "confounder_fraction": spec.confounder_fraction, "confounder_kind": spec.confounder_kind,
     }
     generated = load_or_generate_synthetic(cache_dir, **options)
+    # Hashed at the drawing size, so the near-duplicates (and the split) do not depend on the training size.
+    hashes = load_or_hash_images(
+        generated.images, hashes_path(synthetic_cache_path(cache_dir, **options)) if cache_dir else None)
     ids = generated.image_ids
     table = pd.DataFrame({"image_id": ids, "label": generated.labels, "group": ids, "preset_split": "",
                           "path": "", "mask_path": "", "confounded": generated.confounded})
@@ -302,10 +352,11 @@ def _prepare_synthetic(spec: DataSpec, config: TrainConfig, cache_dir) -> Prepar
     if config.max_images:
         table = subsample(table, config.max_images, config.seed)
         rows = np.array([int(i.rsplit("_", 1)[1]) for i in table["image_id"]], dtype=np.int64)
-        images, masks = images[rows], masks[rows]
+        images, masks, hashes = images[rows], masks[rows], hashes[rows]
     images, masks = _resize_arrays(images, masks, config.image_size)
     fingerprint = hashlib.sha1(repr(sorted(options.items())).encode()).hexdigest()[:16]
-    return PreparedData("synthetic", "synthetic", None, table.reset_index(drop=True), images, masks, [], fingerprint)
+    return PreparedData("synthetic", "synthetic", None, table.reset_index(drop=True), images, masks, [], fingerprint,
+                        hashes=hashes)
 
 
 def _prepare_files(spec: DataSpec, config: TrainConfig, cache_dir, progress) -> PreparedData:
@@ -321,7 +372,8 @@ def _prepare_files(spec: DataSpec, config: TrainConfig, cache_dir, progress) -> 
     ).hexdigest()[:16]
     name = Path(spec.source).expanduser().resolve().name
     path = str(Path(spec.source).expanduser().resolve())
-    return PreparedData(name, data_format, path, table, decoded.images, masks, skipped, fingerprint)
+    return PreparedData(name, data_format, path, table, decoded.images, masks, skipped, fingerprint,
+                        hashes=decoded.hashes)
 
 
 def _resize_arrays(images: np.ndarray, masks: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:

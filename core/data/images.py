@@ -13,6 +13,16 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from core.data.duplicates import (
+    HASH_IMAGE_SIZE,
+    HASH_WORDS,
+    VIEW_COUNT,
+    hash_image,
+    hashes_path,
+    read_hashes,
+    write_hashes,
+)
+
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
 
@@ -72,6 +82,7 @@ class DecodedImages:
     images: np.ndarray  # N x S x S x 3 uint8, only the readable files
     kept: np.ndarray  # indices into the requested list of the readable files
     skipped: list[tuple[int, str]] = field(default_factory=list)  # (index, reason)
+    hashes: np.ndarray | None = None  # N x views x words uint64 perceptual hashes (core.data.duplicates)
 
 
 def files_fingerprint(paths: Sequence[str]) -> str:
@@ -95,26 +106,62 @@ def decode_images_cached(
 ) -> DecodedImages:
     """Decode and resize every file once; later calls with the same files and size read the cache.
 
-    The cache is a plain .npy array (memory-mapped on read) with a small JSON index beside it.
+    The cache is a plain .npy array (memory-mapped on read) with a small JSON index beside it. The files'
+    perceptual hashes (core.data.duplicates) are stored beside it too, computed from the files decoded at
+    HASH_IMAGE_SIZE while the first cache of them is built: one hash file serves every image size, and a
+    cache from before hashes existed gets its hash file once.
     """
-    key = hashlib.sha1(f"v1|{size}|{files_fingerprint(paths)}".encode()).hexdigest()[:20]
+    fingerprint = files_fingerprint(paths)
+    key = hashlib.sha1(f"v1|{size}|{fingerprint}".encode()).hexdigest()[:20]
     array_path = Path(cache_dir) / f"images-{key}.npy" if cache_dir else None
     index_path = array_path.with_suffix(".json") if array_path else None
+    files_key = hashlib.sha1(fingerprint.encode()).hexdigest()[:20]
+    hashes_file = hashes_path(Path(cache_dir) / f"files-{files_key}") if cache_dir else None
+    hashes = read_hashes(hashes_file, len(paths))
     if array_path and array_path.exists() and index_path.exists():
         try:
             index = json.loads(index_path.read_text())
-            images = np.load(array_path, mmap_mode="r")
-            return DecodedImages(np.asarray(images), np.asarray(index["kept"], dtype=np.int64),
-                                 [tuple(item) for item in index["skipped"]])
+            kept = np.asarray(index["kept"], dtype=np.int64)
+            images = np.asarray(np.load(array_path, mmap_mode="r"))
+            if hashes is None:
+                hashes = _hash_files(paths, kept, workers)
+                write_hashes(hashes_file, hashes)
+            return DecodedImages(images, kept, [tuple(item) for item in index["skipped"]], hashes[kept])
         except (OSError, ValueError, KeyError):
             pass  # a damaged cache is rebuilt below
-    decoded = _decode_all(paths, size, progress, workers)
+    missing_hashes = hashes is None
+    if missing_hashes:
+        hashes = np.zeros((len(paths), VIEW_COUNT, HASH_WORDS), dtype=np.uint64)
+    decoded = _decode_all(paths, size, progress, workers, hashes if missing_hashes else None)
+    decoded.hashes = hashes[decoded.kept]
     if array_path:
         _write_cache(array_path, index_path, decoded)
+        if missing_hashes:
+            write_hashes(hashes_file, hashes)
     return decoded
 
 
-def _decode_all(paths, size, progress, workers) -> DecodedImages:
+def hash_file(path: str | Path) -> np.ndarray:
+    """A file's perceptual hashes (core.data.duplicates.hash_image) at HASH_IMAGE_SIZE; ImageError if unreadable."""
+    return hash_image(decode_image(path, HASH_IMAGE_SIZE))
+
+
+def _hash_files(paths: Sequence[str], kept: np.ndarray, workers: int | None) -> np.ndarray:
+    hashes = np.zeros((len(paths), VIEW_COUNT, HASH_WORDS), dtype=np.uint64)
+
+    def hash_one(index: int) -> None:
+        try:
+            hashes[index] = hash_file(paths[index])
+        except ImageError:
+            pass  # changed since it was decoded; its fingerprint, and so this file, will not be used again
+
+    with ThreadPoolExecutor(max_workers=workers or min(8, os.cpu_count() or 1)) as pool:
+        list(pool.map(hash_one, kept))
+    return hashes
+
+
+def _decode_all(paths, size, progress, workers, hashes: np.ndarray | None) -> DecodedImages:
+    """Decode every file; also fill `hashes` (one row per file) unless it is None."""
     images = np.empty((len(paths), size, size, 3), dtype=np.uint8)
     ok = np.zeros(len(paths), dtype=bool)
     skipped: list[tuple[int, str]] = []
@@ -122,6 +169,8 @@ def _decode_all(paths, size, progress, workers) -> DecodedImages:
     def decode_one(index: int) -> tuple[int, str | None]:
         try:
             images[index] = decode_image(paths[index], size)
+            if hashes is not None:  # in the same pool, so that decoding and hashing share the cores
+                hashes[index] = hash_file(paths[index])
             return index, None
         except ImageError as error:
             return index, str(error)

@@ -1,7 +1,8 @@
 """Stratified, grouped train/validation/test splits that depend only on the data and the seed.
 
 Grouping keeps every image of one lesion (HAM10000's lesion_id) on one side of a split, which the
-paper's image-level split did not: lesions leaking between train and test inflate test scores.
+paper's image-level split did not: lesions leaking between train and test inflate test scores. Near-duplicate
+images (core.data.duplicates) can be joined into one group the same way.
 """
 
 from __future__ import annotations
@@ -37,15 +38,17 @@ def pick_groups(labels: np.ndarray, groups: np.ndarray, fraction: float, rng: np
 
 
 def assign_splits(
-    table: pd.DataFrame, test_fraction: float, val_fraction: float, seed: int
+    table: pd.DataFrame, test_fraction: float, val_fraction: float, seed: int, groups: np.ndarray | None = None
 ) -> np.ndarray:
     """An array of 'train' / 'val' / 'test' per row of `table` (columns label, group, preset_split).
 
     Given 'test' and 'val' rows (a split column, train/ and test/ folders) are kept; a missing test part
     is drawn from the other rows with `test_fraction`, and a missing validation part is carved from
-    train with `val_fraction`.
+    train with `val_fraction`. Rows that share a group stay on one side of every drawn part; `groups`
+    replaces the table's group column (lesions joined with their near-duplicates, see core.data.duplicates).
     """
-    labels, groups = table["label"].to_numpy(), table["group"].astype(str).to_numpy()
+    labels = table["label"].to_numpy()
+    groups = np.asarray(groups if groups is not None else table["group"]).astype(str)
     preset = table["preset_split"].fillna("").astype(str).to_numpy() if "preset_split" in table else None
     splits = np.full(len(table), "train", dtype=object)
     rng = np.random.default_rng(seed)

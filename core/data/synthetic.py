@@ -91,8 +91,7 @@ def load_or_generate_synthetic(cache_dir: Path | str | None, **options) -> Synth
     """The synthetic set from the on-disk cache, drawing and caching it on first use."""
     if cache_dir is None:
         return generate_synthetic(**options)
-    key = hashlib.sha1(json.dumps({"version": 4, **options}, sort_keys=True).encode()).hexdigest()[:16]
-    path = Path(cache_dir) / f"synthetic-{key}.npz"
+    path = synthetic_cache_path(cache_dir, **options)
     if path.exists():
         try:
             with np.load(path) as stored:
@@ -109,6 +108,12 @@ def load_or_generate_synthetic(cache_dir: Path | str | None, **options) -> Synth
     except OSError:  # a read-only or full store: the set is drawn again next time, nothing else changes
         temporary.unlink(missing_ok=True)
     return dataset
+
+
+def synthetic_cache_path(cache_dir: Path | str, **options) -> Path:
+    """The file the synthetic set drawn with `options` is cached in (files beside it share its stem)."""
+    key = hashlib.sha1(json.dumps({"version": 4, **options}, sort_keys=True).encode()).hexdigest()[:16]
+    return Path(cache_dir) / f"synthetic-{key}.npz"
 
 
 def unit_grid(size: int) -> tuple[np.ndarray, np.ndarray]:

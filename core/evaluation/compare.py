@@ -12,6 +12,7 @@ from sklearn.metrics import average_precision_score
 
 from core import figures
 from core.config import MODEL_NAMES
+from core.evaluation.external import INTERNAL_TEST, external_predictions, stored_record
 from core.evaluation.metrics import compute_metrics, precision_recall_curve, predict_labels, roc_curve
 from core.evaluation.stats import (
     DEFAULT_RESAMPLES,
@@ -21,7 +22,6 @@ from core.evaluation.stats import (
     delong_test,
     format_p_value,
     mcnemar_test,
-    partial_auc_above_sensitivity,
     threshold_for_sensitivity,
 )
 from core.models import get_model_spec
@@ -38,6 +38,10 @@ COMPARISON_COLUMNS = (
     ("Specificity", "test", "specificity"),
     ("Kappa", "test", "kappa"),
     ("G-mean", "test", "g_mean"),
+    # ISIC's own scores (core.evaluation.isic), titled by their ISIC names so that CSV columns match the scorers'
+    ("auc_sens_80", "test", "auc_sens_80"),
+    ("pauc_80", "test", "pauc_80"),
+    ("average_precision", "test", "average_precision"),
 )
 
 
@@ -114,7 +118,7 @@ class ModelPredictions:
 @dataclass
 class Comparison:
     entries: list[ModelPredictions]
-    table: pd.DataFrame  # Model, Run, Threshold, columns with ' low' / ' high' bounds, pAUC, ECE, Brier
+    table: pd.DataFrame  # Model, Run, Threshold, columns with ' low' / ' high' bounds, ECE, Brier
     paired: bool
     delong: np.ndarray | None = None  # pairwise p-values, None when the test images differ
     mcnemar: np.ndarray | None = None
@@ -122,6 +126,20 @@ class Comparison:
     operating_point: str = "each run's own decision threshold"
     target_sensitivity: float | None = None
     store: RunStore | None = None  # where the runs live: the report adds their stored explanation audit
+    test_set: str = INTERNAL_TEST  # the runs' own test part, or the key of an external set
+    test_set_name: str = "test"  # how figure titles and headings name it
+
+    @property
+    def external(self) -> bool:
+        return self.test_set != INTERNAL_TEST
+
+
+def describe_test_set(comparison: Comparison) -> str:
+    """Which images the numbers are computed on, in words."""
+    if comparison.external:
+        return (f"{comparison.test_set_name.removeprefix('external: ')} images (an external set: every image, "
+                "thresholds still chosen on each run's internal validation part)")
+    return "runs' own test images"
 
 
 def describe_operating_point(threshold: float | None, target_sensitivity: float | None) -> str:
@@ -143,29 +161,46 @@ def sensitivity_shortfalls(comparison: Comparison) -> list[tuple[str, float]]:
             if np.isfinite(row["Recall"]) and row["Recall"] < comparison.target_sensitivity]
 
 
-def load_predictions(store: RunStore, runs: list[dict], names: list[str] | None = None) -> list[ModelPredictions]:
-    """The runs whose predictions.csv can be read (others are skipped), named by model unless `names`."""
+def load_predictions(store: RunStore, runs: list[dict], names: list[str] | None = None,
+                     test_set: str | None = None) -> list[ModelPredictions]:
+    """The runs whose predictions.csv can be read (others are skipped), named by model unless `names`.
+    `test_set` (an external set's key, see core.evaluation.external) replaces each run's own test part by
+    its stored predictions on that set; validation stays the run's own, so thresholds are still chosen
+    on internal data."""
     entries = []
     for index, run in enumerate(runs):
         try:
             predictions = store.predictions(run["run_id"])
+            test = (predictions[predictions["split"] == "test"] if _is_internal(test_set)
+                    else external_predictions(store, run["run_id"], test_set))
         except (OSError, ValueError):
             continue
         name = names[index] if names else get_model_spec(run["model"]).display_name
         if sum(entry.name == name for entry in entries):
             name = f"{name} ({run['run_id'][-4:]})"  # two runs of one model stay apart
         entries.append(ModelPredictions(name, run, predictions[predictions["split"] == "val"],
-                                        predictions[predictions["split"] == "test"].sort_values("image_id"),
+                                        test.sort_values("image_id"),
                                         float((run.get("config") or {}).get("threshold", 0.5))))
     return entries
 
 
+def _is_internal(test_set: str | None) -> bool:
+    return test_set in (None, "", INTERNAL_TEST)
+
+
+def _external_name(store: RunStore, entries: list[ModelPredictions], key: str) -> str:
+    record = stored_record(store, entries[0].run["run_id"], key) if entries else None
+    return f"external: {(record or {}).get('name') or key}"
+
+
 def build_comparison(store: RunStore, runs: list[dict], threshold: float | None = None,
                      target_sensitivity: float | None = None, resamples: int = DEFAULT_RESAMPLES,
-                     seed: int = DEFAULT_SEED, names: list[str] | None = None) -> Comparison:
+                     seed: int = DEFAULT_SEED, names: list[str] | None = None,
+                     test_set: str | None = None) -> Comparison:
     """Everything the Compare page and the HTML report show. With `target_sensitivity`, each model's
-    threshold is the highest one reaching that sensitivity on its validation predictions."""
-    entries = load_predictions(store, runs, names)
+    threshold is the highest one reaching that sensitivity on its validation predictions. `test_set`:
+    the runs' own test part (None) or the key of an external set they were all evaluated on."""
+    entries = load_predictions(store, runs, names, test_set)
     for entry in entries:
         if target_sensitivity is not None:
             entry.threshold = threshold_for_sensitivity(entry.val["label"], entry.val["prob_malignant"],
@@ -177,7 +212,9 @@ def build_comparison(store: RunStore, runs: list[dict], threshold: float | None 
     paired = len(entries) > 1 and all(
         entry.test["image_id"].tolist() == entries[0].test["image_id"].tolist() for entry in entries)
     comparison = Comparison(entries, table, paired, operating_point=describe_operating_point(
-        threshold, target_sensitivity), target_sensitivity=target_sensitivity, store=store)
+        threshold, target_sensitivity), target_sensitivity=target_sensitivity, store=store,
+        test_set=INTERNAL_TEST if _is_internal(test_set) else test_set,
+        test_set_name="test" if _is_internal(test_set) else _external_name(store, entries, test_set))
     if paired:
         comparison.delong, comparison.mcnemar = _pairwise_tests(entries)
         comparison.readings = _readings(entries, comparison.delong, comparison.mcnemar)
@@ -194,9 +231,7 @@ def _comparison_row(entry: ModelPredictions, resamples: int, seed: int) -> dict:
         value = interval.value if interval else (math.nan if train is None else float(train))
         row.update({title: value, f"{title} low": interval.low if interval else math.nan,
                     f"{title} high": interval.high if interval else math.nan})
-    both = len(np.unique(labels)) == 2
     calibrated = calibration(labels, scores) if len(labels) else None
-    row["pAUC (sens >= 0.8)"] = partial_auc_above_sensitivity(labels, scores) if both else math.nan
     row["ECE"] = calibrated.expected_calibration_error if calibrated else math.nan
     row["Brier"] = calibrated.brier_score if calibrated else math.nan
     return row
@@ -237,11 +272,14 @@ def _readings(entries, delong: np.ndarray, mcnemar: np.ndarray) -> list[str]:
 # The order of the page's and the report's table: what a reader looks for first stays at the left, so
 # model, AUC, sensitivity and specificity are visible without scrolling sideways.
 DISPLAY_ORDER = ("AUC", "Recall", "Specificity", "Test acc", "Precision", "F1", "Kappa", "G-mean", "MCC",
-                 "Balanced acc", "pAUC (sens >= 0.8)", "ECE", "Brier", "Train acc")
-DISPLAY_TITLES = {"Recall": "Sensitivity (recall)", "pAUC (sens >= 0.8)": "pAUC (sens ≥ 0.8)"}
+                 "Balanced acc", "auc_sens_80", "pauc_80", "average_precision", "ECE", "Brier", "Train acc")
+DISPLAY_TITLES = {"Recall": "Sensitivity (recall)", "auc_sens_80": "AUC (sens ≥ 0.8, ISIC 2017–19)",
+                  "pauc_80": "pAUC (TPR ≥ 0.8, ISIC 2024)", "average_precision": "Average precision"}
 LOWER_IS_BETTER = {"ECE", "Brier"}
-PAUC_NOTE = ("pAUC (sens ≥ 0.8): the area under the ROC curve where sensitivity is at least 0.8, as ISIC 2024 "
-             "scores it. It runs from 0 to 0.2: 0.2 is a perfect model, 0.02 a random one.")
+PAUC_NOTE = ("pAUC (TPR ≥ 0.8, ISIC 2024): the area under the ROC curve where sensitivity is at least 0.8; "
+             "it runs from 0 to 0.2: 0.2 is a perfect model, 0.02 a random one. AUC (sens ≥ 0.8, ISIC 2017–19) "
+             "is another area: under the whole curve to the right of where it first reaches sensitivity 0.8, "
+             "from 0 to 1 (0.18 a random model), as the ISIC 2017–2019 challenges scored it.")
 
 
 def display_table(comparison: Comparison) -> pd.DataFrame:
@@ -358,4 +396,8 @@ def comparison_figures(comparison: Comparison) -> dict[str, object]:
                                                                         "DeLong test of AUC: p-values")
         result["McNemar p-values (accuracy)"] = figures.p_value_matrix_figure(names, comparison.mcnemar,
                                                                               "McNemar test of accuracy: p-values")
+    if comparison.external:
+        for figure in result.values():  # "(test)" in a title would claim the runs' own test part
+            title = figure.layout.title.text or ""
+            figure.update_layout(title=title.replace("(test)", f"({comparison.test_set_name})"))
     return result

@@ -14,6 +14,7 @@ from core.evaluation.compare import (
     Comparison,
     best_in_column,
     comparison_figures,
+    describe_test_set,
     display_table,
     sensitivity_shortfalls,
 )
@@ -54,8 +55,9 @@ def report_html(comparison: Comparison, title: str = "Model comparison") -> str:
     both write this, so the same runs at the same operating point give the same report."""
     figures = comparison_figures(comparison)
     parts = [f"<h1>{html.escape(title)}</h1>",
-             f"<p class='note'>Written {time.strftime('%Y-%m-%d %H:%M')}. Values on the test images, "
-             "with 95% bootstrap intervals (test images resampled, seed fixed).</p>",
+             f"<p class='note'>Written {time.strftime('%Y-%m-%d %H:%M')}. Values on the "
+             f"{html.escape(describe_test_set(comparison))}, with 95% bootstrap intervals (its images resampled, "
+             "seed fixed).</p>",
              f"<p><b>Operating point:</b> {html.escape(comparison.operating_point)}.</p>"]
     parts.extend(f"<p><b>{html.escape(line)}</b></p>" for line in shortfall_lines(comparison))
     if not comparison.paired and len(comparison.entries) > 1:

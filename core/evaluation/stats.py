@@ -14,6 +14,7 @@ import numpy as np
 from scipy import stats as scipy_stats
 from sklearn import metrics as skm
 
+from core.evaluation.isic import ISIC_METRIC_NAMES, isic_scores, resampled_isic_scores
 from core.evaluation.metrics import METRIC_NAMES, compute_metrics
 
 DEFAULT_RESAMPLES = 2000
@@ -85,10 +86,11 @@ def format_interval(value, low, high, digits: int = 3, signed: bool = False) -> 
 
 def bootstrap_metrics(labels, probabilities, threshold: float = 0.5, resamples: int = DEFAULT_RESAMPLES,
                       seed: int = DEFAULT_SEED, level: float = 0.95) -> dict[str, Interval]:
-    """Every metric of METRIC_NAMES with a percentile bootstrap interval (test images resampled)."""
+    """Every metric of METRIC_NAMES and ISIC_METRIC_NAMES with a percentile bootstrap interval (test
+    images resampled)."""
     labels = np.asarray(labels, dtype=np.int64)
     probabilities = np.asarray(probabilities, dtype=np.float64)
-    point = compute_metrics(labels, probabilities, threshold)
+    point = compute_metrics(labels, probabilities, threshold) | isic_scores(labels, probabilities)
     indices = bootstrap_indices(len(labels), resamples, seed)
     sampled_labels = labels[indices]
     called = probabilities[indices] >= threshold
@@ -98,9 +100,10 @@ def bootstrap_metrics(labels, probabilities, threshold: float = 0.5, resamples: 
     tn = (~called & (sampled_labels == 0)).sum(1)
     samples = metrics_from_counts(tp, fp, tn, fn)
     samples["auc"] = resampled_auc(labels, probabilities, indices)
+    samples.update(resampled_isic_scores(labels, probabilities, indices))
     tail = (1 - level) / 2 * 100
     intervals = {}
-    for name in METRIC_NAMES:
+    for name in METRIC_NAMES + ISIC_METRIC_NAMES:
         values = samples[name][np.isfinite(samples[name])]
         if len(values) == 0 or not math.isfinite(point[name]):
             intervals[name] = Interval(point[name], math.nan, math.nan)
@@ -220,16 +223,3 @@ def threshold_for_sensitivity(labels, probabilities, sensitivity: float) -> floa
         return math.nan
     needed = math.ceil(sensitivity * len(scores) - 1e-9)
     return float(scores[max(needed, 1) - 1])
-
-
-def partial_auc_above_sensitivity(labels, probabilities, min_sensitivity: float = 0.8) -> float:
-    """Area under the ROC curve where sensitivity >= `min_sensitivity` (ISIC 2017's melanoma score),
-    unnormalised: at most 1 - min_sensitivity."""
-    fpr, tpr, _ = skm.roc_curve(labels, probabilities)
-    start_fpr, end_fpr, start_tpr, end_tpr = fpr[:-1], fpr[1:], tpr[:-1], tpr[1:]
-    rising = (end_tpr > start_tpr) & (end_tpr > min_sensitivity)
-    start_fpr, end_fpr, start_tpr, end_tpr = start_fpr[rising], end_fpr[rising], start_tpr[rising], end_tpr[rising]
-    # Each ROC segment is straight; clip it to sensitivity >= min_sensitivity and integrate 1 - fpr.
-    clipped_tpr = np.maximum(start_tpr, min_sensitivity)
-    clipped_fpr = start_fpr + (end_fpr - start_fpr) * (clipped_tpr - start_tpr) / (end_tpr - start_tpr)
-    return float(((end_tpr - clipped_tpr) * (1 - (clipped_fpr + end_fpr) / 2)).sum())

@@ -29,8 +29,9 @@ from core.training.estimates import StepProgress, format_duration, seconds_left
 from core.training.loop import ResumeError, recorded_data_spec, resume_training, run_training
 
 ACTIVE_STATES = ("queued", "preparing", "running")
-# What a job does, and so which page owns it (may stop it): runs, a tuning study, an ablation, an audit.
-JOB_KINDS = ("train", "tune", "ablation", "audit")
+# What a job does, and so which page owns it (may stop it): runs, a tuning study, an ablation, an audit,
+# an external evaluation, a batch prediction.
+JOB_KINDS = ("train", "tune", "ablation", "audit", "evaluate", "predict")
 
 _queues: dict[str, JobQueue] = {}
 _queues_lock = threading.Lock()
