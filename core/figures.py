@@ -597,10 +597,10 @@ def auc_shift_figure(rows: list[dict]) -> go.Figure:
                          arrayminus=np.nan_to_num(values - lows), color=colour, thickness=1.5),
             hovertemplate=f"%{{y}} {part}: AUC %{{x:.3f}}<extra></extra>"))
     figure.add_vline(x=0.5, line=dict(color="#999", dash="dot"), annotation_text="chance",
-                     annotation_position="bottom right")
+                     annotation_position="top right")
     figure.update_layout(title="AUC with 95% CI: internal test part vs external set", xaxis_title="AUC",
-                         xaxis_range=[0.3, 1.0], height=120 + 60 * len(rows), margin=dict(l=10, r=10, t=40, b=10),
-                         legend=dict(orientation="h", y=-0.2), yaxis=dict(autorange="reversed"))
+                         xaxis_range=[0.3, 1.0], height=200 + 60 * len(rows), margin=dict(l=10, r=10, t=60, b=10),
+                         legend=dict(orientation="h", y=-0.35), yaxis=dict(autorange="reversed"))
     return figure
 
 
