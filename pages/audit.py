@@ -35,7 +35,6 @@ from core.data.datasets import DatasetError, check_allowed
 from core.figures import artefact_heatmap_figure, audit_localisation_figure, faithfulness_figure, randomisation_figure
 from core.models import get_model_spec
 from core.runs import RunStore
-from core.training.jobs import Job
 from pages.common import (
     AUDIT_JOB,
     AUDIT_RUNS,
@@ -46,6 +45,7 @@ from pages.common import (
     rerun_when_queue_changes,
     run_store,
     runs_with_models,
+    session_job,
     shared_job_queue,
 )
 
@@ -171,16 +171,10 @@ def live() -> None:
     rerun_when_queue_changes("audit")
 
 
-def own_job() -> Job | None:
-    """The audit job this session queued, while the queue still remembers it."""
-    job_id = st.session_state.get(AUDIT_JOB)
-    return next((job for job in shared_job_queue().snapshot().jobs if job.job_id == job_id), None)
-
-
 def shown_audit(store: RunStore, runs: list[dict]) -> Audit:
     """The audit this session just ran on these runs (reused results included, whatever newer results of
     other settings are stored), else the newest stored result of every check: what anyone sees at once."""
-    job = own_job()
+    job = session_job(AUDIT_JOB)
     if job is not None and not job.active:
         if job.state == "failed":
             st.error(f"The audit failed: {job.error}")

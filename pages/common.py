@@ -220,3 +220,9 @@ def choose_model_runs(runs: list[dict], key: str, purpose: str) -> list[dict]:
         st.caption("The newest completed training run of each model (tuning trials and ablation cells only when "
                    "you pick them).")
     return [by_id[run_id] for run_id in chosen if run_id in by_id]
+
+
+def session_job(key: str) -> Job | None:
+    """The job whose id this session stored under `key` when it queued it, while the queue remembers it."""
+    job_id = st.session_state.get(key)
+    return next((job for job in shared_job_queue().snapshot().jobs if job.job_id == job_id), None)

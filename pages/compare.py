@@ -44,6 +44,7 @@ from pages.common import (
     rerun_when_queue_changes,
     run_choice_label,
     run_store,
+    session_job,
     shared_job_queue,
 )
 
@@ -136,8 +137,7 @@ def live_evaluation() -> None:
 def finished_evaluation():
     """The evaluation this session queued, once it has ended (then forgotten); a completed one makes its set
     the chosen test set. Called before the test-set selectbox is drawn, which may not be changed after."""
-    job_id = st.session_state.get(EVALUATE_JOB)
-    job = next((job for job in shared_job_queue().snapshot().jobs if job.job_id == job_id), None)
+    job = session_job(EVALUATE_JOB)
     if job is None or job.active:
         return None
     st.session_state.pop(EVALUATE_JOB)

@@ -12,7 +12,6 @@ from core.data.datasets import DatasetError, check_allowed
 from core.evaluation.ood import COVERAGE
 from core.evaluation.predict import PredictionResult, image_files, predict_images, predict_uploads
 from core.runs import RunStore
-from core.training.jobs import Job
 from pages.common import (
     PREDICT_JOB,
     PREDICT_RESULT,
@@ -25,6 +24,7 @@ from pages.common import (
     rerun_when_queue_changes,
     run_store,
     runs_with_models,
+    session_job,
     shared_job_queue,
 )
 
@@ -135,14 +135,8 @@ def live() -> None:
     rerun_when_queue_changes("predict")
 
 
-def own_job() -> Job | None:
-    """The prediction job this session queued, while the queue still remembers it."""
-    job_id = st.session_state.get(PREDICT_JOB)
-    return next((job for job in shared_job_queue().snapshot().jobs if job.job_id == job_id), None)
-
-
 def shown_result() -> PredictionResult | None:
-    job = own_job()
+    job = session_job(PREDICT_JOB)
     if job is not None and not job.active:
         if job.state == "failed":
             st.error(f"The prediction failed: {job.error}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import zlib
 from pathlib import Path
 
@@ -12,6 +13,29 @@ from PIL import Image
 
 from core.config import DataSpec, TrainConfig
 from core.runs import RunStore
+
+ISIC_2017 = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "isic2017"
+
+
+def reference_package(name: str, install: str):
+    """Skipped on a developer machine without the package; in CI a missing reference fails."""
+    try:
+        return pytest.importorskip(name)
+    except pytest.skip.Exception:
+        if os.environ.get("CI"):
+            pytest.fail(f"{name} is not installed ({install})")  # CI must not pass by skipping the reference check
+        raise
+
+
+def shared_isic_2017() -> Path:
+    """The real ISIC 2017 images beside the project (read in place, never copied into it): skipped where
+    they are absent, failed in CI, which runs in a clone beside ../shared."""
+    if not (ISIC_2017 / "images").is_dir():
+        if os.environ.get("CI"):
+            pytest.fail(f"CI runs beside ../shared; {ISIC_2017} is missing")
+        pytest.skip("../shared/data/isic2017 is not here")
+    return ISIC_2017
+
 
 TINY_SYNTHETIC = DataSpec(source="synthetic", synthetic_count=40, synthetic_image_size=32, synthetic_seed=1)
 TINY_CONFIG = TrainConfig(model="resnet18", epochs=1, batch_size=8, image_size=32, pretrained=False,

@@ -5,7 +5,6 @@ definitions. quantus is installed without its dependencies (requirements-nodeps.
 from __future__ import annotations
 
 import math
-import os
 
 import cv2
 import numpy as np
@@ -22,16 +21,7 @@ from core.audit.localisation import (
 )
 from core.cams import pointing_game_hit
 from core.data.images import decode_image
-
-
-def reference_package(name: str, install: str):
-    """Skipped on a developer machine without the package; in CI a missing reference fails."""
-    try:
-        return pytest.importorskip(name)
-    except pytest.skip.Exception:
-        if os.environ.get("CI"):
-            pytest.fail(f"{name} is not installed ({install})")  # CI must not pass by skipping the reference check
-        raise
+from tests.conftest import reference_package
 
 
 @pytest.fixture(scope="module")

@@ -18,10 +18,10 @@ from core.evaluation.external import INTERNAL_TEST, common_external_sets, evalua
 from core.evaluation.inference import apply_run
 from core.evaluation.shift import shift_rows, shift_table
 from core.runs import RunStore
+from tests.conftest import shared_isic_2017
 
 TINY_FLAGS = ["--data", "synthetic", "--synthetic-count", "40", "--synthetic-image-size", "48", "--epochs", "1",
               "--batch-size", "8", "--no-pretrained", "--precision", "fp32", "--split", "70:30"]
-ISIC_2017 = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "isic2017"
 
 
 def train(runs_dir, model: str, size: int, capsys, *extra) -> str:
@@ -162,23 +162,20 @@ def test_evaluating_on_the_training_set_says_it_is_not_external(tmp_path, capsys
 def test_train_on_isic_2017_then_evaluate_on_an_image_folder(tmp_path, capsys):
     """The issue's check: a run trained on the real ISIC 2017 images (a small subset, 32 px), evaluated on a
     labelled set laid out differently (class folders, PNG)."""
-    if not ISIC_2017.is_dir():
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"CI runs beside ../shared; {ISIC_2017} is missing")
-        pytest.skip("../shared/data/isic2017 is not here")
+    isic_2017 = shared_isic_2017()
     runs_dir = tmp_path / "runs"
-    assert main(["train", "--model", "resnet18", "--data", str(ISIC_2017), "--max-images", "60", "--image-size", "32",
+    assert main(["train", "--model", "resnet18", "--data", str(isic_2017), "--max-images", "60", "--image-size", "32",
                  "--epochs", "1", "--batch-size", "8", "--no-pretrained", "--precision", "fp32",
                  "--runs-dir", str(runs_dir)]) == 0
     run_id = capsys.readouterr().out.split()[-1]
     used = set(pd.read_csv(runs_dir / run_id / "split.csv")["image_id"])
-    labels = pd.read_csv(ISIC_2017 / "labels.csv")
+    labels = pd.read_csv(isic_2017 / "labels.csv")
     unused = labels[~labels["image_id"].isin(used)]
     folder = tmp_path / "isic-as-folders"
     for label, name in ((1, "Cancer"), (0, "NotCancer")):
         for image_id in unused.loc[unused["melanoma"] == label, "image_id"].head(6):
             (folder / name).mkdir(parents=True, exist_ok=True)
-            source = ISIC_2017 / "images" / f"{image_id}.jpg"
+            source = isic_2017 / "images" / f"{image_id}.jpg"
             Image.open(source).resize((64, 48)).save(folder / name / f"{image_id}.png")
     assert main(["evaluate", run_id, "--data", str(folder), "--format", "csv", "--runs-dir", str(runs_dir)]) == 0
     captured = capsys.readouterr()

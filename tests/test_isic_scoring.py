@@ -5,7 +5,6 @@ accuracy) and the ISIC 2024 Kaggle metric (pAUC above 80% TPR), which that packa
 from __future__ import annotations
 
 import io
-import os
 
 import numpy as np
 import pandas as pd
@@ -24,6 +23,7 @@ from core.evaluation.isic import (
 from core.evaluation.metrics import compute_metrics
 from core.evaluation.stats import bootstrap_indices, bootstrap_metrics
 from core.runs import RunStore
+from tests.conftest import reference_package
 
 # The ISIC scorer calls a lesion malignant when P > 0.5; the project when P >= threshold. The smallest
 # double above 0.5 makes the two rules one, also for images scored exactly 0.5 (the tied cases have them).
@@ -33,14 +33,6 @@ ISIC_THRESHOLD = float(np.nextafter(0.5, 1.0))
 pytestmark = pytest.mark.filterwarnings("ignore:The inplace keyword in Series.rename")
 
 
-def reference_package(name: str, install: str):
-    """Skipped on a developer machine without the package; in CI a missing reference fails."""
-    try:
-        return pytest.importorskip(name)
-    except pytest.skip.Exception:
-        if os.environ.get("CI"):
-            pytest.fail(f"{name} is not installed ({install})")  # CI must not pass by skipping the reference check
-        raise
 
 
 @pytest.fixture(scope="module")

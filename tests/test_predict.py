@@ -29,10 +29,9 @@ from core.runs import RunStore
 from core.training.jobs import shared_queue
 from core.training.loop import run_training
 from pages.common import PREDICT_RUNS
-from tests.conftest import TINY_CONFIG, TINY_SYNTHETIC
+from tests.conftest import TINY_CONFIG, TINY_SYNTHETIC, shared_isic_2017
 
 APP = str(Path(__file__).resolve().parents[1] / "streamlit_app.py")
-ISIC_2017 = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "isic2017"
 # 300 images: a validation part (36 images) big enough for a steady 95th percentile. A threshold other than
 # 0.5, to see that decisions are taken at the run's own.
 OOD_DATA = DataSpec(synthetic_count=300, synthetic_image_size=64)
@@ -66,11 +65,7 @@ def pages_store(trained, monkeypatch) -> RunStore:
 
 def isic_photos(count: int = ISIC_PHOTOS) -> list[Path]:
     """Real ISIC 2017 photos, spread over the set; read where they are, never copied into the project."""
-    folder = ISIC_2017 / "images"
-    if not folder.is_dir():
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"CI runs beside ../shared; {folder} is missing")
-        pytest.skip("../shared/data/isic2017 is not here")
+    folder = shared_isic_2017() / "images"
     photos = sorted(folder.glob("*.jpg"))
     return photos[:: max(len(photos) // count, 1)][:count]
 

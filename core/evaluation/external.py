@@ -14,6 +14,7 @@ while thresholds chosen "on validation" still come from each run's internal vali
 
 from __future__ import annotations
 
+import json
 import math
 import threading
 import time
@@ -89,8 +90,6 @@ def _files_fingerprint(data: PreparedData) -> str:
 
 
 def stored_record(store: RunStore, run_id: str, key: str) -> dict | None:
-    import json
-
     try:
         return json.loads((external_folder(store, run_id, key) / "dataset.json").read_text())
     except (OSError, ValueError):
@@ -106,7 +105,7 @@ def evaluate_runs(store: RunStore, runs: list[dict], spec: DataSpec,
     runs; `stop` ends the work between two batches (InterruptedError)."""
     started = time.perf_counter()
     outcome: EvaluationOutcome | None = None
-    loaded: dict[int, PreparedData] = {}
+    loaded: dict[int, tuple[PreparedData, dict]] = {}  # per image size: the decoded set and its record
     for number, run in enumerate(runs):
         if stop is not None and stop.is_set():
             raise InterruptedError("stopped")
@@ -114,9 +113,9 @@ def evaluate_runs(store: RunStore, runs: list[dict], spec: DataSpec,
             progress(number, len(runs), f"{run['model']} (run {number + 1} of {len(runs)})")
         size = run_image_size(run)
         if size not in loaded:
-            loaded[size] = load_dataset_images(spec, size, store.cache_dir)
-        data = loaded[size]
-        record = dataset_record(data)
+            data = load_dataset_images(spec, size, store.cache_dir)
+            loaded[size] = data, dataset_record(data)
+        data, record = loaded[size]
         if outcome is None:
             outcome = EvaluationOutcome(_external_set(record), skipped=list(data.skipped))
         outcome.warnings.extend(_overlap_warnings(store, run, data))
