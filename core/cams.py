@@ -175,7 +175,8 @@ class CamExplainer:
 
     `precision` is the one the model's run evaluated in (run.json's environment): with 'bf16' the
     reported P(malignant), and the class a 'predicted' target explains, come from a bf16-autocast
-    channels-last forward pass as in training's evaluation; the map itself is computed in fp32."""
+    channels-last forward pass as in training's evaluation; the map itself is computed in fp32.
+    The explainer runs on its model's device (CPU or CUDA); images may come on any device."""
 
     def __init__(self, model: nn.Module, model_name: str, precision: str = "fp32") -> None:
         if precision not in PRECISIONS:
@@ -183,6 +184,7 @@ class CamExplainer:
         self.model_name = model_name
         self.precision = precision
         self.model = copy.deepcopy(model).float().to(memory_format=torch.contiguous_format).eval()
+        self.device = next(self.model.parameters()).device
         for parameter in self.model.parameters():
             parameter.requires_grad_(False)
         self.target_layer = get_model_spec(model_name).target_layer(self.model)
@@ -238,13 +240,14 @@ class CamExplainer:
 
     def probabilities(self, images: torch.Tensor) -> np.ndarray:
         """P(malignant) of a batch in the run's recorded precision, as training's evaluation computes it."""
+        images = images.to(self.device)
         with self._lock, torch.no_grad():
             if self.precision == "bf16":
-                with torch.autocast("cpu", dtype=torch.bfloat16):
+                with torch.autocast(self.device.type, dtype=torch.bfloat16):
                     logits = self.model(images.contiguous(memory_format=torch.channels_last))
             else:
                 logits = self.model(images)
-            return torch.softmax(logits.float(), 1)[:, 1].numpy().astype(np.float64)
+            return torch.softmax(logits.float(), 1)[:, 1].cpu().numpy().astype(np.float64)
 
     def with_model(self, function):
         """function(model) with this explainer's private fp32 model, while no other thread uses it (a
@@ -257,8 +260,8 @@ class CamExplainer:
         forward pass already is that computation)."""
         if self.precision == "fp32":
             return None
-        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-            logits = self.model(image.contiguous(memory_format=torch.channels_last)).float()
+        with torch.no_grad(), torch.autocast(self.device.type, dtype=torch.bfloat16):
+            logits = self.model(image.to(self.device).contiguous(memory_format=torch.channels_last)).float()
         return float(torch.softmax(logits, 1)[0, 1])
 
     def _run_cam(self, cam, image: torch.Tensor, targets, method: str, progress, stop) -> np.ndarray:
@@ -283,13 +286,13 @@ class CamExplainer:
         heat = cv2.resize(result.normalised(), (size, size))
         with self._lock:
             score = ROADCombined(percentiles=list(percentiles))(
-                image_tensor(resize_image(image_uint8, size)), heat[None],
+                image_tensor(resize_image(image_uint8, size)).to(self.device), heat[None],
                 [ClassifierOutputSoftmaxTarget(result.target_class)], self.model)
         return float(np.asarray(score).reshape(-1)[0])
 
 
-def load_trained_model(run: dict, model_path: Path | str) -> nn.Module:
-    """A stored run's model with its best weights (torch.load with weights_only=True)."""
+def load_trained_model(run: dict, model_path: Path | str, device: str | torch.device = "cpu") -> nn.Module:
+    """A stored run's model with its best weights (torch.load with weights_only=True), on `device`."""
     started = time.perf_counter()
     config = run.get("config") or {}
     model, _ = build_model(run["model"], dropout=float(config.get("dropout", 0.0)), pretrained=False)
@@ -300,14 +303,15 @@ def load_trained_model(run: dict, model_path: Path | str) -> nn.Module:
     except Exception as error:  # noqa: BLE001 - a file that would run code, or a damaged one
         raise ValueError(f"run {run['run_id']}: model.pt is not a plain state_dict ({error})") from None
     model.load_state_dict(state_dict)
+    model.to(device)
     # A server's log then shows how often models are loaded: once per run when caching works.
     logger.info("loaded the model of run %s in %.2f s", run["run_id"], time.perf_counter() - started)
     return model.eval()
 
 
-def explainer_for_run(run: dict, model_path: Path | str) -> CamExplainer:
+def explainer_for_run(run: dict, model_path: Path | str, device: str | torch.device = "cpu") -> CamExplainer:
     """The explainer of a stored run: its best weights, and the precision its predictions were computed in."""
-    return CamExplainer(load_trained_model(run, model_path), run["model"], precision=run_precision(run))
+    return CamExplainer(load_trained_model(run, model_path, device), run["model"], precision=run_precision(run))
 
 
 def run_precision(run: dict) -> str:

@@ -1,5 +1,6 @@
 import dataclasses
 
+import pytest
 import torch
 
 from core.models import build_model
@@ -24,3 +25,18 @@ def test_auto_times_the_options_and_caches_the_choice(tmp_path):
         again = choose_execution_plan(model, config, torch.device("cpu"), tmp_path)
         assert again.chosen_by == "cache" and again.name == plan.name
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items()), "timing used a copy"
+
+
+def test_a_timed_plan_and_a_cached_one_train_the_same_numbers(store):
+    # Timing draws random images and dropout masks (Hybrid S-ResNet's head); the run's own draws must not
+    # depend on whether its plan was timed or read from the cache.
+    from core.data.datasets import prepare_data
+    from core.training.loop import run_training
+    from tests.conftest import TINY_SYNTHETIC
+
+    config = dataclasses.replace(TINY_CONFIG, model="hybrid_sresnet", precision="auto")
+    data = prepare_data(TINY_SYNTHETIC, config, store.cache_dir)
+    timed, cached = (run_training(config, data, store) for _ in range(2))
+    assert timed["environment"]["precision_chosen_by"] in ("timed", "default")
+    assert cached["environment"]["precision_chosen_by"] == "cache"
+    assert cached["history"][0]["train_loss"] == pytest.approx(timed["history"][0]["train_loss"], rel=1e-6)

@@ -93,6 +93,6 @@ def road_scores(explainer: CamExplainer, images: np.ndarray, maps: np.ndarray, t
         heat = np.stack([scaled_to_unit(cam) for cam in maps[chunk]]).astype(np.float32)
         outputs = [ClassifierOutputSoftmaxTarget(int(t)) for t in targets[chunk]]
         scores.append(np.asarray(explainer.with_model(
-            lambda model, chunk=chunk, heat=heat, outputs=outputs: metric(images_tensor(images[chunk]), heat, outputs,
-                                                                          model))).reshape(-1))
+            lambda model, chunk=chunk, heat=heat, outputs=outputs: metric(
+                images_tensor(images[chunk]).to(explainer.device), heat, outputs, model))).reshape(-1))
     return np.concatenate(scores) if scores else np.zeros(0)

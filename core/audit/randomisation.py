@@ -38,8 +38,10 @@ def cumulative_cuts(stage_count: int, steps: int) -> list[int]:
 
 def randomise_modules(modules: list[nn.Module], generator_seed: int) -> None:
     """Re-initialise every layer of the modules as PyTorch initialises a new one (BatchNorm back to its
-    identity and fresh running statistics), from a seeded generator so that the check repeats."""
-    with torch.random.fork_rng(devices=[]):
+    identity and fresh running statistics), from a seeded generator so that the check repeats. On a GPU
+    the layers draw from its generator, whose state is restored afterwards as the CPU's is."""
+    gpus = sorted({p.device.index for module in modules for p in module.parameters() if p.is_cuda})
+    with torch.random.fork_rng(devices=gpus):
         torch.manual_seed(generator_seed)
         for module in modules:
             for layer in module.modules():

@@ -172,17 +172,17 @@ def planned_steps(runs: list[dict], settings: AuditSettings) -> int:
 
 
 def run_audit(store: RunStore, runs: list[dict], settings: AuditSettings = AuditSettings(), report=None,
-              stop=None) -> Audit:
+              stop=None, device: str = "cpu") -> Audit:
     """Audit `runs` (one per model, as a rule): each result is reused when stored with the same runs,
     method, images, seed and settings, else computed and stored with its run. `report(done, total)` moves
     after each result; `stop` (an Event) ends the audit between two steps with InterruptedError, keeping
-    what is stored."""
+    what is stored. The models run on `device` ('cpu' or 'cuda')."""
     started = time.perf_counter()
     progress = _Progress(planned_steps(runs, settings), report)
     audit = Audit(runs=runs, records=[], report={})
     cache: dict = {}
     for run in runs:
-        _audit_run(store, run, settings, audit, progress, cache, stop)
+        _audit_run(store, run, settings, audit, progress, cache, stop, device)
     audit.report = assemble_report(audit.records, settings.checks, runs)
     audit.seconds = time.perf_counter() - started
     if "localisation" in settings.checks and not audit.records_of("localisation"):
@@ -194,14 +194,14 @@ class _LazyModel:
     """A run's trained model and its explainer, loaded once, and only when a result must be computed (a
     repeated audit only reads what is stored)."""
 
-    def __init__(self, run: dict, store: RunStore) -> None:
-        self.run, self.store = run, store
+    def __init__(self, run: dict, store: RunStore, device: str = "cpu") -> None:
+        self.run, self.store, self.device = run, store, device
         self._model = self._explainer = None
 
     @property
     def model(self):
         if self._model is None:
-            self._model = load_trained_model(self.run, self.store.model_path(self.run["run_id"]))
+            self._model = load_trained_model(self.run, self.store.model_path(self.run["run_id"]), self.device)
         return self._model
 
     @property
@@ -212,9 +212,9 @@ class _LazyModel:
 
 
 def _audit_run(store: RunStore, run: dict, settings: AuditSettings, audit: Audit, progress: _Progress,
-               cache: dict, stop) -> None:
+               cache: dict, stop, device: str = "cpu") -> None:
     inputs = run_inputs(run, run_data(run, store, cache), settings)
-    loaded = _LazyModel(run, store)
+    loaded = _LazyModel(run, store, device)
     for method in settings.methods:
         malignant_maps = None
 

@@ -81,15 +81,21 @@ def time_training_step(model: nn.Module, plan: ExecutionPlan, batch_size: int, i
     targets = torch.randint(0, 2, (batch_size,), device=plan.device)
     times = []
     for _ in range(repeats + 1):
+        # CUDA runs asynchronously: without waiting, the clock would time the kernel launches only.
+        _wait_for(plan.device)
         started = time.perf_counter()
         with plan.autocast():
             loss = nn.functional.cross_entropy(model(inputs).float(), targets)
         loss.backward()
         model.zero_grad(set_to_none=True)
-        if plan.device.type == "cuda":
-            torch.cuda.synchronize()
+        _wait_for(plan.device)
         times.append(time.perf_counter() - started)
     return statistics.median(times[1:])
+
+
+def _wait_for(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def choose_execution_plan(model: nn.Module, config: TrainConfig, device: torch.device,
@@ -109,11 +115,14 @@ def choose_execution_plan(model: nn.Module, config: TrainConfig, device: torch.d
     cached = _read_cache(cache_dir).get(key)
     if cached:
         return ExecutionPlan(device, cached["precision"], cached["channels_last"], "cache", cached["step_seconds"])
-    # A copy is timed, so the real model's batch-norm statistics and gradients stay untouched.
+    # A copy is timed, so the real model's batch-norm statistics and gradients stay untouched; and on forked
+    # random streams, so its random images and dropout masks leave the run's own draws as a cached plan does.
     trial_model = copy.deepcopy(model)
     timings = {}
-    for plan in candidates:
-        timings[plan.name] = round(time_training_step(trial_model, plan, config.batch_size, config.image_size), 4)
+    gpus = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=gpus):
+        for plan in candidates:
+            timings[plan.name] = round(time_training_step(trial_model, plan, config.batch_size, config.image_size), 4)
     best = min(candidates, key=lambda plan: timings[plan.name])
     # A lone candidate is timed too: its step time is what the live speed is compared with
     # (contention_warning), on CPUs without bfloat16 as well.
