@@ -24,7 +24,7 @@ from core.config import DataSpec, TrainConfig  # noqa: E402
 from core.data.datasets import prepare_data  # noqa: E402
 from core.environment import select_device  # noqa: E402
 from core.models import build_model  # noqa: E402
-from core.training.loop import TensorData, prepare_batch  # noqa: E402
+from core.training.batches import TensorData, prepare_batch  # noqa: E402
 from core.training.precision import choose_execution_plan  # noqa: E402
 
 

@@ -4,7 +4,7 @@ Goals (issue 5): the five maps in <= 0.5 s in total with the models loaded, and 
 1.5x its own forward plus backward pass. Compared with the grad-cam package used naively (a new CAM
 object per call, parameters requiring gradients). Prints medians of --repeats calls.
 
-    python bench/gradcam.py [--size 224] [--repeats 7]
+    python bench/gradcam.py [--size 224] [--repeats 7] [--device cpu|cuda]
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from core.cams import CamExplainer  # noqa: E402
+from core.environment import device_name, select_device  # noqa: E402
 from core.models import MODEL_REGISTRY, build_model, get_model_spec  # noqa: E402
 
 
@@ -28,16 +29,23 @@ def median_seconds(call, repeats: int) -> float:
     call()  # warm-up
     times = []
     for _ in range(repeats):
+        _wait_for_gpu()
         started = time.perf_counter()
         call()
+        _wait_for_gpu()  # CUDA runs asynchronously: the time is the work's, not the launches'
         times.append(time.perf_counter() - started)
     return statistics.median(times)
+
+
+def _wait_for_gpu() -> None:
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
 
 
 def time_model(name: str, image: torch.Tensor, repeats: int) -> tuple[float, float, float]:
     """(ours, naive grad-cam, plain forward+backward) median seconds for one model."""
     model, _ = build_model(name, pretrained=False)
-    model.eval()
+    model.to(image.device).eval()
     explainer = CamExplainer(model, name)
     ours = median_seconds(lambda: explainer.explain(image, "gradcam"), repeats)
     layer = get_model_spec(name).target_layer(model)
@@ -57,10 +65,13 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     args = parser.parse_args()
+    device = select_device(args.device)
     torch.manual_seed(0)
-    image = torch.randn(1, 3, args.size, args.size)
-    print(f"{torch.get_num_threads()} threads, torch {torch.__version__}, {args.size} px, median of {args.repeats}")
+    image = torch.randn(1, 3, args.size, args.size).to(device)
+    print(f"{device_name(device)} ({device.type}), {torch.get_num_threads()} threads, torch {torch.__version__}, "
+          f"{args.size} px, median of {args.repeats}")
     print(f"{'model':<16} {'ours ms':>8} {'naive ms':>9} {'fwd+bwd ms':>11} {'ours/fwd+bwd':>13} {'speed-up':>9}")
     total_ours = total_naive = 0.0
     worst_ratio = 0.0

@@ -30,7 +30,8 @@ def measure(pipeline: str, model_name: str, folder: str, size: int, cache_dir: s
     from core.data.datasets import prepare_data
     from core.environment import select_device
     from core.models import build_model
-    from core.training.loop import TensorData, evaluate
+    from core.training.batches import TensorData
+    from core.training.loop import evaluate
     from core.training.precision import choose_execution_plan
 
     model, _ = build_model(model_name, pretrained=False)

@@ -1,11 +1,14 @@
 """python -m core {train,resume,tune,ablate,list,compare,evaluate,explain,audit,predict,check-data}: the engine
 headless, for GPU servers and scripts. SIGTERM (a batch scheduler's time limit, `kill`) stops the current run
-cleanly after its batch; it is stored as stopped and `python -m core resume RUN_ID` continues it."""
+cleanly after its batch; it is stored as stopped and `python -m core resume RUN_ID` continues it. Under torchrun
+(`torchrun --nproc-per-node N -m core train ...`) train and resume train one run on N processes."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import datetime
 import signal
 import sys
 import threading
@@ -25,6 +28,7 @@ from core.evaluation.compare import (
 from core.evaluation.external import INTERNAL_TEST, ExternalSet, common_external_sets
 from core.runs import RunStore, RunStoreError, default_runs_dir, is_ordinary_run, run_purpose
 from core.training.callbacks import BatchProgress, EpochRecord, TrainingCallback
+from core.training.distributed import SINGLE_PROCESS, DistributedContext, joined_processes, launched_by_torchrun
 from core.training.loop import resume_training, run_training
 from core.training.tuning import PRUNERS
 
@@ -192,6 +196,11 @@ def build_parser() -> argparse.ArgumentParser:
     ablate.add_argument("--study", default=None, help="study name (default: ablation-<kind>)")
     ablate.add_argument("--splits", default="80:20,70:30,60:40", help="grid: train:test ratios, comma-separated")
     ablate.add_argument("--epochs-grid", default="25,50,75,100", help="grid: epoch counts, comma-separated")
+    ablate.add_argument("--models", default="resnet18",
+                        help=f"grid: models, comma-separated ({', '.join(MODEL_NAMES)}); each gets the whole grid")
+    ablate.add_argument("--storage", default=None,
+                        help="SQLAlchemy URL, e.g. postgresql://user:pass@host/db: machines running the same "
+                             "command split the cells; results are kept in the database (default: this run store)")
     add_training_flags(ablate)
 
     resume = commands.add_parser("resume", help="continue stopped or killed runs from their last finished epoch",
@@ -262,6 +271,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="lesion masks <image_id>_segmentation.png, <image_id>_mask.png or <image_id>_<suffix>.png "
                             "(default: the dataset's own masks, if any)")
     audit.add_argument("--seed", type=int, default=0, help="seed of the image draw, artefacts and intervals")
+    audit.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                       help="where the models run (results agree within bf16 noise; tests/test_cuda.py)")
     audit.add_argument("--out", required=True, metavar="DIR", help="folder for audit.json, CSVs and figures")
     audit.add_argument("--runs-dir", default=str(default_runs_dir()))
 
@@ -346,14 +357,16 @@ def data_spec_from_args(args: argparse.Namespace) -> DataSpec:
     return DataSpec(**values)
 
 
-def command_train(args: argparse.Namespace) -> int:
+def command_train(args: argparse.Namespace, context: DistributedContext = SINGLE_PROCESS) -> int:
     models = list(MODEL_NAMES) if args.model == "all" else [args.model]
     configs = [config_from_args(args, model) for model in models]
     spec = data_spec_from_args(args)
     store = RunStore(args.runs_dir)
     started = time.perf_counter()
     print(f"preparing {'the synthetic set' if spec.is_synthetic else spec.source} ...", file=sys.stderr)
-    data = prepare_data(spec, configs[0], store.cache_dir)
+    # Under torchrun every process prepares the data; a failure on any of them stops all before a run is created.
+    with decoding_bar(disable=not context.is_main) as report:
+        data = context.agree(lambda: prepare_data(spec, configs[0], store.cache_dir, report), local_main_first=True)
     for image_id, reason in data.skipped[:5]:
         print(f"warning: skipped {image_id}: {reason}", file=sys.stderr)
     if data.skipped:
@@ -365,9 +378,9 @@ def command_train(args: argparse.Namespace) -> int:
           file=sys.stderr)
     statuses = []
     for config in configs:
-        if STOP.is_set():
+        if context.should_stop(STOP):
             break
-        run = run_training(config, data, store, ProgressBar(), STOP)
+        run = run_training(config, data, store, ProgressBar(), STOP, context=context)
         statuses.append(run["status"])
         print(run["run_id"])
     print(f"{len(statuses)} run(s) in {time.perf_counter() - started:.0f} s: "
@@ -375,13 +388,13 @@ def command_train(args: argparse.Namespace) -> int:
     return 0 if len(statuses) == len(configs) and all(s == "completed" for s in statuses) else EXIT_RUN_FAILED
 
 
-def command_resume(args: argparse.Namespace) -> int:
+def command_resume(args: argparse.Namespace, context: DistributedContext = SINGLE_PROCESS) -> int:
     store = RunStore(args.runs_dir)
     statuses = []
     for run_id in args.runs:
-        if STOP.is_set():
+        if context.should_stop(STOP):
             break
-        run = resume_training(run_id, store, ProgressBar(), STOP)
+        run = resume_training(run_id, store, ProgressBar(), STOP, context=context)
         statuses.append(run["status"])
         print(run["run_id"])
     return 0 if len(statuses) == len(args.runs) and all(s == "completed" for s in statuses) else EXIT_RUN_FAILED
@@ -390,13 +403,15 @@ def command_resume(args: argparse.Namespace) -> int:
 def command_tune(args: argparse.Namespace) -> int:
     import optuna
 
-    from core.training.tuning import run_study, trials_table
+    from core.training.study_storage import open_storage, wait_for_trials_elsewhere
+    from core.training.tuning import default_storage, run_study, trials_table
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # one line per trial below says enough
     config = config_from_args(args, args.model)
     spec = data_spec_from_args(args)
     store = RunStore(args.runs_dir)
     study_name = args.study or f"tune-{args.model}"
+    storage = open_storage(args.storage or default_storage(store))  # an unreachable one fails before data is read
     data = prepare_data(spec, config, store.cache_dir)
 
     def report(study, trial) -> None:
@@ -404,8 +419,13 @@ def command_tune(args: argparse.Namespace) -> int:
         print(f"trial {trial.number}: {trial.state.name.lower()} val AUC {value} "
               + " ".join(f"{k}={v:.3g}" for k, v in trial.params.items()), file=sys.stderr)
 
-    study = run_study(data, config, store, study_name, args.trials, args.storage, args.pruner, stop=STOP,
+    started = datetime.datetime.now()
+    study = run_study(data, config, store, study_name, args.trials, storage, args.pruner, stop=STOP,
                       on_trial_end=report)
+    # Trials other workers of a shared study are still running may become the best: every worker reports
+    # the same study once they end.
+    wait_for_trials_elsewhere(study, started, STOP, on_wait=lambda numbers: print(
+        f"waiting for trial(s) {', '.join(map(str, numbers))} running elsewhere", file=sys.stderr))
     table = trials_table(study)
     print(table.to_string(index=False))
     completed = [t for t in study.trials if t.value is not None and t.state.name == "COMPLETE"]
@@ -429,7 +449,11 @@ def command_ablate(args: argparse.Namespace) -> int:
             epochs = [int(value) for value in args.epochs_grid.split(",")]
         except ValueError:
             raise ValueError(f"--epochs-grid wants numbers like 25,50, got {args.epochs_grid!r}") from None
-        cells = grid_cells(base, [value.strip() for value in args.splits.split(",")], epochs)
+        models = [value.strip() for value in args.models.split(",") if value.strip()]
+        unknown = [model for model in models if model not in MODEL_NAMES]
+        if unknown or not models:
+            raise ValueError(f"--models wants names from {', '.join(MODEL_NAMES)}, got {args.models!r}")
+        cells = grid_cells(base, [value.strip() for value in args.splits.split(",")], epochs, models)
     study = args.study or f"ablation-{args.kind}"
 
     def report(cell, run) -> None:
@@ -437,6 +461,8 @@ def command_ablate(args: argparse.Namespace) -> int:
         auc = f"{test['auc']:.4f}" if test.get("auc") is not None else "--"
         print(f"{cell.key}: {(run or {}).get('status', 'not run')} test AUC {auc}", file=sys.stderr)
 
+    if args.storage:
+        return ablate_shared(args.storage, spec, cells, store, study, report)
     done = run_ablation(spec, cells, store, study, stop=STOP, on_cell=report)
     runs = [done[cell.key] for cell in cells if cell.key in done]
     if runs:
@@ -444,6 +470,26 @@ def command_ablate(args: argparse.Namespace) -> int:
         table.insert(0, "Cell", [cell.key for cell in cells if cell.key in done])
         print(format_table(table.drop(columns=["Model"]).rename(columns={"Cell": "Model"}), "table"))
     return 0 if len(done) == len(cells) else EXIT_RUN_FAILED
+
+
+def ablate_shared(url: str, spec: DataSpec, cells: list, store: RunStore, study: str, report) -> int:
+    """`ablate --storage URL`: this machine's share of the cells, then the whole grid from the database."""
+    import optuna
+
+    from core.training.shared_ablation import run_shared_ablation
+    from core.training.study_storage import open_storage
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    shared = run_shared_ablation(spec, cells, store, study, open_storage(url), stop=STOP, on_cell=report,
+                                 on_wait=lambda keys: print(f"waiting for {', '.join(keys)} (running elsewhere)",
+                                                            file=sys.stderr))
+    if len(shared.table):
+        print(format_table(shared.table.assign(Run=shared.table["Run"] + " on " + shared.table["Machine"]), "table"))
+    missing = [cell.key for cell in cells if cell.key not in shared.completed]
+    if missing:
+        print(f"{len(shared.completed)} of {len(cells)} cells completed; not completed: {', '.join(missing)}",
+              file=sys.stderr)
+    return EXIT_RUN_FAILED if missing else 0
 
 
 def command_list(args: argparse.Namespace) -> int:
@@ -617,12 +663,17 @@ def command_audit(args: argparse.Namespace) -> int:
     runs = check_runs(store, args.runs) if args.runs else default_comparison_runs(store.list_runs())
     if not runs:
         raise ValueError(f"no completed runs in {args.runs_dir}; train some with `python -m core train`")
+    if args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ValueError("--device cuda: torch sees no CUDA device on this machine")
     with tqdm(total=1, desc="audit", unit="step", file=sys.stderr) as bar:
         def report(done: int, total: int) -> None:
             bar.total = total
             bar.update(done - bar.n)
 
-        audit = run_audit(store, runs, settings, report, STOP)
+        audit = run_audit(store, runs, settings, report, STOP, device=args.device)
     for note in audit.notes:
         print(f"note: {note}", file=sys.stderr)
     paths = write_audit_outputs(audit, args.out)
@@ -698,9 +749,22 @@ def prediction_lines(table) -> str:
     return shown[["image", "model", "P", "decision", "OOD"]].to_string(index=False)
 
 
-def command_check_data(args: argparse.Namespace) -> int:
+@contextlib.contextmanager
+def decoding_bar(disable: bool = False):
+    """A progress bar on stderr (when it is a terminal) for decoding a dataset into the image cache; yields
+    the progress(done, total) callback that prepare_data takes. Nothing shows when the cache is reused."""
     from tqdm import tqdm
 
+    with tqdm(desc="decoding and hashing", unit="image", file=sys.stderr,
+              disable=disable or not sys.stderr.isatty()) as bar:
+        def report(done: int, total: int) -> None:
+            bar.total = total
+            bar.update(done - bar.n)
+
+        yield report
+
+
+def command_check_data(args: argparse.Namespace) -> int:
     from core.data.duplicates import HASH_BITS
 
     values = {field: getattr(args, field) for field in CHECK_DATA_FIELDS
@@ -708,11 +772,7 @@ def command_check_data(args: argparse.Namespace) -> int:
     config = TrainConfig(group_near_duplicates=not args.no_duplicate_grouping, **values)
     spec = data_spec_from_args(args)
     print(f"reading {'the synthetic set' if spec.is_synthetic else spec.source} ...", file=sys.stderr)
-    with tqdm(desc="decoding and hashing", unit="image", file=sys.stderr, disable=not sys.stderr.isatty()) as bar:
-        def report(done: int, total: int) -> None:
-            bar.total = total
-            bar.update(done - bar.n)
-
+    with decoding_bar() as report:
         data = prepare_data(spec, config, RunStore(args.runs_dir).cache_dir, report)
     for image_id, reason in data.skipped[:5]:
         print(f"warning: skipped {image_id}: {reason}", file=sys.stderr)
@@ -749,6 +809,11 @@ def main(argv: list[str] | None = None) -> int:
     in_main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, lambda signum, frame: STOP.set()) if in_main_thread else None
     try:
+        if args.command in ("train", "resume"):
+            with joined_processes() as context:  # torchrun's processes as one run; else this process alone
+                return commands[args.command](args, context)
+        if launched_by_torchrun():
+            raise ValueError(f"only train and resume run under torchrun, not {args.command}")
         return commands[args.command](args)
     except (DatasetError, RunStoreError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)

@@ -12,6 +12,7 @@ from core.data.datasets import prepare_data
 from core.models import get_model_spec
 from core.training.estimates import TimeEstimate, WorkItem, estimate_runs
 from core.training.jobs import QueueSnapshot
+from core.training.study_storage import StudyStorageError, open_storage
 from core.training.tuning import (
     MIN_TRIALS_FOR_IMPORTANCE,
     PRUNERS,
@@ -105,9 +106,15 @@ def launch(base: TrainConfig, trials: int, pruner: str, study_name: str, storage
         st.caption(blocker)
 
 
+@st.cache_resource(show_spinner=False)
+def study_storage(url: str) -> optuna.storages.RDBStorage:
+    """One opened storage per URL, as the CLI opens it (PostgreSQL driver, timeouts); a failure is not cached."""
+    return open_storage(url)
+
+
 def load_study(name: str, storage: str) -> optuna.Study | None:
     try:
-        return optuna.load_study(study_name=name, storage=storage)
+        return optuna.load_study(study_name=name, storage=study_storage(storage))
     except KeyError:
         return None
 
@@ -206,9 +213,9 @@ def main() -> None:
     base = dataclasses.replace(current_config(model), epochs=int(epochs))
     launch(base, int(trials), pruner, study_name, storage)
     try:
-        names = [summary.study_name for summary in optuna.get_all_study_summaries(storage)]
-    except Exception as error:  # noqa: BLE001 - a bad URL or an unreachable database
-        st.error(f"Cannot open the study storage {storage}: {type(error).__name__}: {error}")
+        names = [summary.study_name for summary in optuna.get_all_study_summaries(study_storage(storage))]
+    except StudyStorageError as error:  # a bad URL or an unreachable database: one line naming the host
+        st.error(str(error))
         return
     if not names and not shared_job_queue().snapshot().busy:
         st.info("No studies yet. Start one above.")

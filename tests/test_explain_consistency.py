@@ -60,7 +60,8 @@ def bf16_runs(fp32_runs, tmp_path_factory):
     import torch
 
     from core.cams import load_trained_model
-    from core.training.loop import TensorData, _final_metrics
+    from core.training.batches import TensorData
+    from core.training.loop import _final_metrics
     from core.training.precision import ExecutionPlan
 
     store, runs = fp32_runs

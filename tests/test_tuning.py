@@ -7,6 +7,7 @@ import pytest
 
 from core.cli import main
 from core.data.datasets import prepare_data
+from core.runs import RunStore
 from core.training.ablation import component_cells, grid_cells, run_ablation
 from core.training.tuning import parallel_coordinates_figure, readable_trials_table, run_study, trials_table
 from tests.conftest import TINY_CONFIG, TINY_SYNTHETIC
@@ -129,6 +130,9 @@ def test_grid_cells_cover_split_and_epochs():
     cells = grid_cells(TINY_CONFIG, ["80:20", "60:40"], [1, 2])
     assert [cell.key for cell in cells] == ["80:20 x 1 epochs", "80:20 x 2 epochs", "60:40 x 1 epochs",
                                             "60:40 x 2 epochs"]
+    models = grid_cells(TINY_CONFIG, ["80:20"], [1], ["resnet18", "densenet121"])
+    assert [(cell.key, cell.config.model) for cell in models] == [("ResNet18 80:20 x 1 epochs", "resnet18"),
+                                                                  ("DenseNet121 80:20 x 1 epochs", "densenet121")]
 
 
 TINY_FLAGS = ["--data", "synthetic", "--synthetic-count", "40", "--synthetic-image-size", "32", "--image-size", "32",
@@ -139,10 +143,14 @@ def test_cli_tune_and_ablate(tmp_path, capsys):
     runs_dir = str(tmp_path / "runs")
     assert main(["tune", "--model", "resnet18", "--trials", "2", *TINY_FLAGS, "--runs-dir", runs_dir]) == 0
     assert "run_id" in capsys.readouterr().out
-    assert main(["ablate", "--kind", "grid", "--splits", "70:30", "--epochs-grid", "1,2", *TINY_FLAGS,
-                 "--runs-dir", runs_dir]) == 0
+    assert main(["ablate", "--kind", "grid", "--splits", "70:30", "--epochs-grid", "1", "--models",
+                 "resnet18,hybrid_sresnet", *TINY_FLAGS, "--runs-dir", runs_dir]) == 0
     out = capsys.readouterr().out
-    assert "70:30 x 1 epochs" in out and "70:30 x 2 epochs" in out
+    assert "ResNet18 70:30 x 1 epochs" in out and "Hybrid S-ResNet 70:30 x 1 epochs" in out
+    cells = [run for run in RunStore(runs_dir).list_runs() if "cell" in (run.get("tags") or {})]
+    assert sorted(run["model"] for run in cells) == ["hybrid_sresnet", "resnet18"]
+    assert main(["ablate", "--kind", "grid", "--models", "resnet19", *TINY_FLAGS, "--runs-dir", runs_dir]) == 2
+    assert "--models wants names from resnet18" in capsys.readouterr().err
 
 
 def page_session(tmp_path, monkeypatch, page):

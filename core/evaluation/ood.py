@@ -42,6 +42,7 @@ from torch import nn
 
 from core.config import TrainConfig
 from core.data.datasets import prepare_data
+from core.data.images import take_rows
 from core.evaluation.inference import ModelOutputs, apply_run, load_run_model
 from core.models import get_model_spec
 from core.runs import RunStore, RunStoreError, write_atomically, write_json
@@ -266,8 +267,9 @@ def _fit_from_run_data(run: dict, store: RunStore, model, progress, stop) -> Ood
     def report(offset: int):
         return (lambda done, _: progress(offset + done, total)) if progress is not None else None
 
-    _, train_features = apply_with_stage_features(run, store, data.images[train], model, report(0), stop)
-    _, val_features = apply_with_stage_features(run, store, data.images[val], model, report(len(train)), stop)
+    _, train_features = apply_with_stage_features(run, store, take_rows(data.images, train), model, report(0), stop)
+    _, val_features = apply_with_stage_features(run, store, take_rows(data.images, val), model, report(len(train)),
+                                                stop)
     names = [name for name, _ in feature_stages(run["model"], model)]
     detector = fit_detector(run["run_id"], names, train_features, data.table["label"].to_numpy()[train], val_features)
     detector.summary["seconds"] = round(time.perf_counter() - started, 2)

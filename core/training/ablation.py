@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from core.config import DataSpec, TrainConfig
 from core.data.datasets import PreparedData, prepare_data
+from core.models import get_model_spec
 from core.runs import RunStore
 from core.training.callbacks import TrainingCallback
 from core.training.estimates import StepProgress, WorkItem, images_per_epoch
@@ -40,9 +41,19 @@ def component_cells(base: TrainConfig) -> list[AblationCell]:
     return cells
 
 
-def grid_cells(base: TrainConfig, splits=("80:20", "70:30", "60:40"), epochs=(25, 50, 75, 100)) -> list[AblationCell]:
-    return [AblationCell(f"{split} x {count} epochs", dataclasses.replace(base, split=split, epochs=int(count)))
-            for split in splits for count in epochs]
+def grid_cells(base: TrainConfig, splits=("80:20", "70:30", "60:40"), epochs=(25, 50, 75, 100),
+               models=None) -> list[AblationCell]:
+    """The splits x epochs grid, for each of `models` (default: the base config's model). A one-model grid's
+    cells are named "80:20 x 25 epochs" as before models were an axis, so that older studies continue."""
+    models = list(models or [base.model])
+
+    def name(model: str, split: str, count: int) -> str:
+        cell = f"{split} x {count} epochs"
+        return f"{get_model_spec(model).display_name} {cell}" if len(models) > 1 else cell
+
+    return [AblationCell(name(model, split, int(count)),
+                         dataclasses.replace(base, model=model, split=split, epochs=int(count)))
+            for model in models for split in splits for count in epochs]
 
 
 def completed_cells(store: RunStore, study: str) -> dict[str, dict]:
@@ -81,16 +92,11 @@ def run_ablation(spec: DataSpec, cells: list[AblationCell], store: RunStore, stu
             if on_cell:
                 on_cell(cell, done[cell.key])
             continue
-        config = cell.config.resolved(spec)
-        key = (config.image_size, config.split, config.val_fraction, config.seed, config.max_images)
-        if key not in prepared:  # cells that share a split share the decoded data
-            prepared[key] = prepare_data(spec, config, store.cache_dir)
+        config, data = cell_data(spec, cell, store, prepared)
         if on_step:
-            on_step(cell_step(number, cells, done, len(prepared[key].table)))
-        tags = {"ablation": study, "cell": cell.key}
-        run = _continue_cell(interrupted.get(cell.key), config, prepared[key], store, callbacks, stop)
-        if run is None:
-            run = run_training(config, prepared[key], store, callbacks, stop, tags=tags)
+            on_step(cell_step(number, cells, done, len(data.table)))
+        run = train_cell(config, data, store, {"ablation": study, "cell": cell.key}, interrupted.get(cell.key),
+                          callbacks, stop)
         if run["status"] == "completed":
             done[cell.key] = run
         if on_cell:
@@ -107,6 +113,23 @@ def cell_step(number: int, cells: list[AblationCell], done: dict, total_images: 
     later = tuple(work(cell) for cell in cells[number:] if cell.key not in done)
     cell = cells[number - 1]
     return StepProgress("cell", number, len(cells), name=cell.key, current=work(cell), later=later)
+
+
+def cell_data(spec: DataSpec, cell: AblationCell, store: RunStore,
+               prepared: dict[tuple, PreparedData]) -> tuple[TrainConfig, PreparedData]:
+    """The cell's resolved config and its data; cells that share a split share the decoded data."""
+    config = cell.config.resolved(spec)
+    key = (config.image_size, config.split, config.val_fraction, config.seed, config.max_images)
+    if key not in prepared:
+        prepared[key] = prepare_data(spec, config, store.cache_dir)
+    return config, prepared[key]
+
+
+def train_cell(config: TrainConfig, data: PreparedData, store: RunStore, tags: dict, interrupted: dict | None,
+                callbacks, stop: threading.Event) -> dict:
+    """The cell's run: its interrupted run continued when there is one, else a new run."""
+    run = _continue_cell(interrupted, config, data, store, callbacks, stop)
+    return run if run is not None else run_training(config, data, store, callbacks, stop, tags=tags)
 
 
 def _continue_cell(run: dict | None, config: TrainConfig, data: PreparedData, store: RunStore, callbacks,

@@ -78,6 +78,7 @@ class Job:
     kind: str = "train"  # one of JOB_KINDS
     group: str = ""  # what queued a batch of runs together, e.g. "Train all five"
     step: StepProgress | None = None  # which run of the job (or of its batch) this is: trial 3 of 10
+    decoded: tuple[int, int] | None = None  # images decoded into the cache so far, of how many (a new dataset)
     # Training images and seconds of the job's finished runs: the rate its later runs are estimated at.
     finished_images: float = 0.0
     finished_seconds: float = 0.0
@@ -145,6 +146,9 @@ class Job:
             parts.append(self.task_progress.describe())
             left = self.seconds_left
             parts.append(f"about {format_duration(left)} left" if left is not None else "estimating time left ...")
+            return f"{self.title}: " + " · ".join(parts)
+        if progress is None and self.decoded is not None and self.decoded[0] < self.decoded[1]:
+            parts.append(f"decoding images into the cache: {self.decoded[0]:,} of {self.decoded[1]:,}")
             return f"{self.title}: " + " · ".join(parts)
         if progress is None:  # a new run (or a study's next one) builds its model and times precision first
             parts.append("preparing data and timing precision ...")
@@ -380,7 +384,11 @@ class JobQueue:
         if self._prepared is not None and self._prepared[0] == key:
             return self._prepared[1]
         self._prepared = None  # free the old arrays before decoding new ones
-        data = prepare_data(job.data, config, self.store.cache_dir)
+
+        def decoded(done: int, total: int) -> None:
+            job.decoded = (done, total)
+
+        data = prepare_data(job.data, config, self.store.cache_dir, decoded)
         self._prepared = (key, data)
         return data
 

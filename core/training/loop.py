@@ -4,7 +4,8 @@ sampling, dropout, ImageNet normalisation; every piece switchable through TrainC
 `run_training` is the whole run (model, precision choice, `fit`, final evaluation, run store);
 `resume_training` continues a stopped or killed run from its last finished epoch; `fit` is the epoch
 loop; `train_one_epoch` and `evaluate` are one pass each. Progress leaves through callbacks; a
-`threading.Event` asks for a clean stop after the current batch.
+`threading.Event` asks for a clean stop after the current batch. Under torchrun the same functions train
+one run on several processes; a `DistributedContext` (core.training.distributed) says what differs.
 """
 
 from __future__ import annotations
@@ -25,13 +26,14 @@ import torch
 from torch import nn
 
 from core.config import DataSpec, TrainConfig
-from core.data.augment import augment_batch, normalise, to_unit_float
 from core.data.datasets import PreparedData, prepare_data
 from core.environment import describe_environment, select_device
 from core.evaluation.metrics import compute_metrics, safe_auc
 from core.models import build_model
 from core.runs import RESUMABLE_STATUSES, RunFolder, RunStore, claimed_for_resume, remove_partial_writes
+from core.training.batches import TensorData, prepare_batch, training_order
 from core.training.callbacks import BatchProgress, CallbackList, EpochRecord, TrainingCallback
+from core.training.distributed import SINGLE_PROCESS, DistributedContext, open_on_main
 from core.training.precision import ExecutionPlan, choose_execution_plan
 
 
@@ -75,27 +77,6 @@ class TrainingState:
 
 
 @dataclass
-class TensorData:
-    """A split's images as one uint8 tensor (N x 3 x H x W, channels-last in memory) and labels."""
-
-    images: torch.Tensor
-    labels: torch.Tensor
-
-    @classmethod
-    def from_prepared(cls, data: PreparedData, split: str, device: torch.device) -> TensorData:
-        rows = data.indices(split)
-        # NHWC uint8 viewed as NCHW is exactly the channels_last layout: no copy of pixels later.
-        images = torch.from_numpy(np.ascontiguousarray(data.images[rows])).permute(0, 3, 1, 2)
-        labels = torch.from_numpy(data.table["label"].to_numpy()[rows].astype(np.int64))
-        if device.type != "cpu":
-            images, labels = images.to(device), labels.to(device)
-        return cls(images, labels)
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-
-@dataclass
 class FitResult:
     history: list[EpochRecord] = field(default_factory=list)
     best_epoch: int = 0
@@ -104,87 +85,100 @@ class FitResult:
     message: str = ""
 
 
-def training_order(labels: torch.Tensor, weighted: bool, generator: torch.Generator) -> torch.Tensor:
-    """One epoch's sample order: class-balanced draws with replacement (WeightedRandomSampler), or a
-    plain permutation."""
-    if not weighted:
-        return torch.randperm(len(labels), generator=generator)
-    counts = torch.bincount(labels.cpu(), minlength=2).clamp(min=1).double()
-    weights = (1.0 / counts)[labels.cpu()]
-    sampler = torch.utils.data.WeightedRandomSampler(weights, len(labels), replacement=True, generator=generator)
-    return torch.tensor(list(sampler), dtype=torch.int64)
+def steps_per_epoch(train_size: int, batch_size: int, world_size: int = 1) -> int:
+    """Optimizer steps in one epoch: one per `batch_size` images (the global batch under torchrun, split over
+    `world_size` processes), plus one for a last partial batch that gives every process at least 2 images
+    (batch norm cannot train on one); at least one."""
+    return max(1, train_size // batch_size + (train_size % batch_size >= 2 * world_size))
 
 
-def prepare_batch(images_uint8: torch.Tensor, plan: ExecutionPlan, augment: bool,
-                  generator: torch.Generator | None) -> torch.Tensor:
-    images = to_unit_float(images_uint8.to(plan.device, non_blocking=True))
-    if augment:
-        images = augment_batch(images, generator)
-    return normalise(images).contiguous(memory_format=plan.memory_format)
+def epoch_batches(order: torch.Tensor, batch_size: int, world_size: int = 1) -> list[torch.Tensor]:
+    """The epoch's order cut into global batches, `steps_per_epoch` of them."""
+    batches = [order[i: i + batch_size] for i in range(0, len(order), batch_size)]
+    if len(batches) > 1 and len(batches[-1]) < 2 * world_size:
+        batches.pop()
+    return batches
 
 
 def train_one_epoch(model, data: TensorData, optimizer, scheduler, criterion, plan: ExecutionPlan, config: TrainConfig,
-                    generator: torch.Generator, report, stop: threading.Event) -> tuple[float, float]:
-    """One pass over the training part; returns (mean loss, accuracy). Raises DivergedError."""
+                    generator: torch.Generator, report, stop: threading.Event,
+                    context: DistributedContext = SINGLE_PROCESS,
+                    augmentation: torch.Generator | None = None) -> tuple[float, float]:
+    """One pass over the training part; returns (mean loss, accuracy) over all processes. Raises DivergedError.
+    `generator` draws the order; `augmentation` (default: `generator`) the augmentation. Under torchrun
+    `model` is the DDP-wrapped model and this process trains on its share of each global batch."""
     model.train()
     order = training_order(data.labels, config.weighted_sampler, generator)
-    batches = [order[i: i + config.batch_size] for i in range(0, len(order), config.batch_size)]
-    if len(batches) > 1 and len(batches[-1]) < 2:
-        batches.pop()  # batch norm cannot train on a single image
+    batches = epoch_batches(order, config.batch_size, context.world_size)
     loss_sum, correct, seen = 0.0, 0, 0
     for number, rows in enumerate(batches, start=1):
-        inputs = prepare_batch(data.images[rows], plan, config.augment, generator)
-        targets = data.labels[rows].to(plan.device)
+        mine = context.share(rows)
+        inputs = prepare_batch(data.batch(mine), plan, config.augment,
+                               generator if augmentation is None else augmentation)
+        targets = data.labels[mine].to(plan.device)
         with plan.autocast():
             logits = model(inputs)
             loss = criterion(logits.float(), targets)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        context.weighted_loss(loss, len(mine), len(rows)).backward()
         optimizer.step()
         if scheduler is not None:
             scheduler.step()
-        loss_value = loss.item()
-        if not math.isfinite(loss_value):
-            raise DivergedError(f"the loss became {loss_value} in batch {number}")
-        loss_sum += loss_value * len(rows)
-        correct += int((logits.argmax(1) == targets).sum())
+        # Summed over the processes, so that a NaN anywhere ends the epoch everywhere after the same batch.
+        batch_loss, batch_correct = context.sum(loss.item() * len(mine), int((logits.argmax(1) == targets).sum()))
+        if not math.isfinite(batch_loss):
+            raise DivergedError(f"the loss became {batch_loss / len(rows)} in batch {number}")
+        loss_sum += batch_loss
+        correct += int(batch_correct)
         seen += len(rows)
         report(number, len(batches), loss_sum / seen, seen)
-        if stop.is_set():
+        if context.should_stop(stop):
             break
     return loss_sum / max(seen, 1), correct / max(seen, 1)
 
 
+def evaluate(model, data: TensorData, plan: ExecutionPlan, batch_size: int, criterion=None,
+             context: DistributedContext = SINGLE_PROCESS) -> tuple[np.ndarray, float]:
+    """P(malignant) for every image, in order, and the mean loss (NaN without a criterion). Under torchrun
+    each process evaluates its shard and every process gets all of them; `model` is the unwrapped model."""
+    probabilities, loss_sum = _evaluate_rows(model, data, plan, batch_size, criterion, context.shard(len(data)))
+    if context.is_distributed:
+        probabilities, (loss_sum,) = context.concatenate(probabilities), context.sum(loss_sum)
+    return probabilities, (loss_sum / len(data) if criterion is not None and len(data) else math.nan)
+
+
 @torch.inference_mode()
-def evaluate(model, data: TensorData, plan: ExecutionPlan, batch_size: int,
-             criterion=None) -> tuple[np.ndarray, float]:
-    """P(malignant) for every image, in order, and the mean loss (NaN without a criterion)."""
+def _evaluate_rows(model, data: TensorData, plan: ExecutionPlan, batch_size: int, criterion,
+                   rows: range) -> tuple[np.ndarray, float]:
     model.eval()
     probabilities, loss_sum = [], 0.0
-    for start in range(0, len(data), batch_size):
-        inputs = prepare_batch(data.images[start: start + batch_size], plan, augment=False, generator=None)
+    for start in range(rows.start, rows.stop, batch_size):
+        end = min(start + batch_size, rows.stop)
+        inputs = prepare_batch(data.batch(slice(start, end)), plan, augment=False, generator=None)
         with plan.autocast():
             logits = model(inputs).float()
         if criterion is not None:
-            loss_sum += float(criterion(logits, data.labels[start: start + batch_size].to(plan.device))) * len(logits)
+            loss_sum += float(criterion(logits, data.labels[start: end].to(plan.device))) * len(logits)
         probabilities.append(torch.softmax(logits, 1)[:, 1].cpu())
     probabilities = torch.cat(probabilities).numpy() if probabilities else np.zeros(0, dtype=np.float32)
-    return probabilities, (loss_sum / len(data) if criterion is not None and len(data) else math.nan)
+    return probabilities, loss_sum
 
 
 def fit(model: nn.Module, train: TensorData, val: TensorData, config: TrainConfig, plan: ExecutionPlan,
         callbacks: TrainingCallback, stop: threading.Event, on_improvement=None, run_label=("", ""),
-        resume: TrainingState | None = None, best_state: dict | None = None, on_checkpoint=None) -> FitResult:
+        resume: TrainingState | None = None, best_state: dict | None = None, on_checkpoint=None,
+        context: DistributedContext = SINGLE_PROCESS) -> FitResult:
     """The epoch loop. The best epoch is the highest validation AUC (lower validation loss breaks
     ties); the test part is never looked at here.
 
     `on_checkpoint(TrainingState)` is called after every finished epoch; `resume` (with the best
-    epoch's weights as `best_state`) continues from such a state."""
+    epoch's weights as `best_state`) continues from such a state. Under torchrun every process runs this
+    loop in step with the others, and all of them reach the same history and best epoch."""
     generator = torch.Generator().manual_seed(config.seed)
     criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    steps_per_epoch = max(1, len(train) // config.batch_size + (len(train) % config.batch_size >= 2))
-    scheduler = (torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs * steps_per_epoch)
+    steps = steps_per_epoch(len(train), config.batch_size, context.world_size)
+    scheduler = (torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs * steps)
                  if config.scheduler else None)
     result = FitResult()
     best_key = (-math.inf, -math.inf)
@@ -194,6 +188,7 @@ def fit(model: nn.Module, train: TensorData, val: TensorData, config: TrainConfi
         result.history = [EpochRecord(**record) for record in resume.history]
         result.best_epoch, result.best_state, best_key = resume.best_epoch, best_state, resume.best_key
         first_epoch = resume.epoch + 1
+    trained = context.wrap(model)  # DDP shares the parameters: `model` stays the one to evaluate and save
     started = time.perf_counter()
     for epoch in range(first_epoch, config.epochs + 1):
         epoch_started = time.perf_counter()
@@ -208,17 +203,19 @@ def fit(model: nn.Module, train: TensorData, val: TensorData, config: TrainConfi
                 run_label[0], run_label[1], epoch, config.epochs, batch, batches, loss, rate, elapsed,
                 elapsed / done_here * (config.epochs * batches - done)))
 
+        augmentation = context.augmentation_generator(generator, config.seed, epoch)
         try:
-            train_loss, train_acc = train_one_epoch(model, train, optimizer, scheduler, criterion, plan, config,
-                                                    generator, report, stop)
+            train_loss, train_acc = train_one_epoch(trained, train, optimizer, scheduler, criterion, plan, config,
+                                                    generator, report, stop, context, augmentation)
         except DivergedError as error:
             result.status, result.message = "diverged", (
                 f"training diverged in epoch {epoch}: {error}; try a lower learning rate")
             break
-        if stop.is_set():
+        if context.should_stop(stop):
             result.status, result.message = "stopped", f"stopped by request during epoch {epoch}"
             break
-        probabilities, val_loss = evaluate(model, val, plan, config.batch_size * 2, criterion)
+        context.copy_buffers_from_main(model)
+        probabilities, val_loss = evaluate(model, val, plan, config.batch_size * 2, criterion, context)
         val_labels = val.labels.cpu().numpy()
         record = EpochRecord(
             epoch=epoch, train_loss=train_loss, train_acc=train_acc, val_loss=val_loss,
@@ -263,45 +260,79 @@ def _restore(state: TrainingState, model, optimizer, scheduler, generator: torch
 
 def run_training(config: TrainConfig, data: PreparedData, store: RunStore,
                  callbacks: list[TrainingCallback] | TrainingCallback | None = None,
-                 stop: threading.Event | None = None, tags: dict | None = None) -> dict:
+                 stop: threading.Event | None = None, tags: dict | None = None,
+                 context: DistributedContext = SINGLE_PROCESS) -> dict:
     """Train one model on prepared data and store the run; returns the final run.json content.
     `tags` are stored in run.json as they are (a tuning trial, an ablation cell).
 
-    Never raises for a failed run: the run is stored with status 'failed' and its error.
+    Never raises for a failed run: the run is stored with status 'failed' and its error. Under torchrun
+    every process calls this with the same arguments and its `context`; rank 0 alone writes the run and
+    calls `callbacks`, and a failure also ends the process (the others cannot go on without it).
     """
-    callback = callbacks if isinstance(callbacks, TrainingCallback) else CallbackList(callbacks or [])
+    callback = _callback_of(callbacks, context)
     stop = stop or threading.Event()
     config = _match_image_size(config, data)
+    context.check_batch_size(config.batch_size, len(data.indices("train")))
     torch.manual_seed(config.seed)
-    model, weights = build_model(config.model, config.dropout, config.pretrained, config.weights_file,
-                                 warn=callback.on_warning)
+    model, weights = _build_on_main_first(context, lambda: build_model(
+        config.model, config.dropout, config.pretrained, config.weights_file, warn=callback.on_warning))
     device = select_device(config.device)
-    plan = choose_execution_plan(model, config, device, store.cache_dir)
-    folder = store.create(config.model, {
-        "config": config.to_dict(), "dataset": data.describe(), "weights": weights,
-        "history": [], "metrics": {}, "environment": describe_environment(device, plan), "tags": tags or {},
-    })
-    folder.save_table("split.csv", data.table[["image_id", "label", "split"]])
+    # Rank 0 times the precisions; its choice holds everywhere (processes timing apart could choose apart).
+    plan = context.run_on_main(lambda: choose_execution_plan(model, config, device, store.cache_dir))
+
+    def create_folder() -> RunFolder:
+        folder = store.create(config.model, {
+            "config": config.to_dict(), "dataset": data.describe(), "weights": weights, "history": [],
+            "metrics": {}, "environment": {**describe_environment(device, plan), **context.describe()},
+            "tags": tags or {},
+        })
+        folder.save_table("split.csv", data.table[["image_id", "label", "split"]])
+        return folder
+
+    folder = open_on_main(context, create_folder)
     callback.on_run_start(dict(folder.record))
-    return _run_to_the_end(model, config, data, plan, folder, callback, stop)
+    return _run_to_the_end(model, config, data, plan, folder, callback, stop, context=context)
+
+
+def _callback_of(callbacks, context: DistributedContext) -> TrainingCallback:
+    if not context.is_main:
+        return TrainingCallback()  # progress is reported once, by rank 0
+    return callbacks if isinstance(callbacks, TrainingCallback) else CallbackList(callbacks or [])
+
+
+def _build_on_main_first(context: DistributedContext, build):
+    """build() on rank 0 first (it may download the ImageNet weights into the shared cache), then on the others."""
+    if not context.is_distributed:
+        return build()
+    built = []
+    context.run_on_main(lambda: built.append(build()))  # errors reach every process; the model stays here
+    return built[0] if context.is_main else build()
 
 
 def resume_training(run_id: str, store: RunStore, callbacks: list[TrainingCallback] | TrainingCallback | None = None,
-                    stop: threading.Event | None = None, data: PreparedData | None = None) -> dict:
+                    stop: threading.Event | None = None, data: PreparedData | None = None,
+                    context: DistributedContext = SINGLE_PROCESS) -> dict:
     """Continue a stopped or failed (killed) run from its last finished epoch, in the same run folder,
     with the same config; the result is the run that training without the interruption would have
-    given. `data` defaults to loading the run's dataset again; it must be the same images and split.
-    Raises ResumeError when the run cannot be resumed."""
-    callback = callbacks if isinstance(callbacks, TrainingCallback) else CallbackList(callbacks or [])
+    given (under torchrun: with the same number of processes). `data` defaults to loading the run's
+    dataset again; it must be the same images and split. Raises ResumeError when the run cannot be resumed."""
+    callback = _callback_of(callbacks, context)
     stop = stop or threading.Event()
-    if store.load(run_id) is None:
-        raise ResumeError(f"no run {run_id} in {store.root}")
-    with claimed_for_resume(store.root / run_id, error=ResumeError):
-        return _resume_claimed(run_id, store, callback, stop, data)
+    with contextlib.ExitStack() as claim:
+
+        def claim_and_read() -> tuple[dict, TrainingState]:
+            if store.load(run_id) is None:
+                raise ResumeError(f"no run {run_id} in {store.root}")
+            claim.enter_context(claimed_for_resume(store.root / run_id, error=ResumeError))
+            return _read_resume_point(run_id, store)
+
+        # Under torchrun rank 0 alone claims and reads the run; the others get its state through the process
+        # group, so that only rank 0's machine needs the run store.
+        run, state = context.run_on_main(claim_and_read)
+        return _resume_claimed(run, state, store, callback, stop, data, context)
 
 
-def _resume_claimed(run_id: str, store: RunStore, callback: TrainingCallback, stop: threading.Event,
-                    data: PreparedData | None) -> dict:
+def _read_resume_point(run_id: str, store: RunStore) -> tuple[dict, TrainingState]:
     run = store.load(run_id)  # again, now that no other process can change it
     if run["status"] not in RESUMABLE_STATUSES:
         raise ResumeError(f"run {run_id} is {run['status']}; only stopped or failed runs can be resumed")
@@ -312,31 +343,51 @@ def _resume_claimed(run_id: str, store: RunStore, callback: TrainingCallback, st
                           "ended, or it was trained by an older version)") from None
     except Exception as error:  # noqa: BLE001 - a damaged or crafted file is refused, never executed
         raise ResumeError(f"the resume checkpoint of {run_id} cannot be read: {error}") from error
-    state = TrainingState.from_dict(saved)
+    return run, TrainingState.from_dict(saved)
+
+
+def _resume_claimed(run: dict, state: TrainingState, store: RunStore, callback: TrainingCallback,
+                    stop: threading.Event, data: PreparedData | None, context: DistributedContext) -> dict:
+    run_id = run["run_id"]
     config = TrainConfig.from_dict(run["config"])
-    data = data if data is not None else _load_run_data(run, config, store)
-    _check_same_data(run, data)
+
+    def checked_data() -> PreparedData:
+        loaded = data if data is not None else _load_run_data(run, config, store)
+        _check_same_data(run, loaded)
+        return loaded
+
+    data = context.agree(checked_data, local_main_first=True)
+    context.check_batch_size(config.batch_size, len(data.indices("train")))
     torch.manual_seed(config.seed)
     model, _ = build_model(config.model, config.dropout, pretrained=False, warn=callback.on_warning)
-    plan = choose_execution_plan(model, config, select_device(config.device), store.cache_dir)
-    folder = store.open(run_id)
-    remove_partial_writes(folder.path)
+    plan = context.run_on_main(
+        lambda: choose_execution_plan(model, config, select_device(config.device), store.cache_dir))
     if state.best_epoch == state.epoch:
         best_state = state.model  # model.pt may predate this epoch when the kill came between the two writes
-        folder.save_model(best_state)
     elif state.best_epoch:
-        best_state = torch.load(store.model_path(run_id), map_location="cpu", weights_only=True)
+        best_state = context.run_on_main(
+            lambda: torch.load(store.model_path(run_id), map_location="cpu", weights_only=True))
     else:
         best_state = None
-    record = folder.record
-    for stale in ("error", "message", "resumable", "best_epoch"):
-        record.pop(stale, None)
-    before = record.get("seconds") or sum(entry["seconds"] for entry in state.history)  # killed runs have none
-    resumes = [*record.get("resumes", []), {"from_epoch": state.epoch, "at": time.time(), "seconds_before": before,
-                                            "environment": describe_environment(plan.device, plan)}]
-    folder.update(status="running", pid=os.getpid(), history=state.history, metrics={}, resumes=resumes)
+
+    def reopen_folder() -> RunFolder:
+        folder = store.open(run_id)
+        remove_partial_writes(folder.path)
+        if state.best_epoch == state.epoch:
+            folder.save_model(best_state)
+        record = folder.record
+        for stale in ("error", "message", "resumable", "best_epoch"):
+            record.pop(stale, None)
+        before = record.get("seconds") or sum(entry["seconds"] for entry in state.history)  # killed runs: none
+        environment = {**describe_environment(plan.device, plan), **context.describe()}
+        resumes = [*record.get("resumes", []), {"from_epoch": state.epoch, "at": time.time(),
+                                                "seconds_before": before, "environment": environment}]
+        folder.update(status="running", pid=os.getpid(), history=state.history, metrics={}, resumes=resumes)
+        return folder
+
+    folder = open_on_main(context, reopen_folder)
     callback.on_run_start(dict(folder.record))
-    return _run_to_the_end(model, config, data, plan, folder, callback, stop, state, best_state)
+    return _run_to_the_end(model, config, data, plan, folder, callback, stop, state, best_state, context)
 
 
 def recorded_data_spec(run: dict) -> DataSpec:
@@ -361,16 +412,25 @@ def _check_same_data(run: dict, data: PreparedData) -> None:
 
 
 def _run_to_the_end(model, config, data, plan, folder: RunFolder, callback, stop,
-                    resume: TrainingState | None = None, best_state: dict | None = None) -> dict:
+                    resume: TrainingState | None = None, best_state: dict | None = None,
+                    context: DistributedContext = SINGLE_PROCESS) -> dict:
     try:
-        outcome = _train_and_evaluate(model, config, data, plan, folder, callback, stop, resume, best_state)
+        outcome = _train_and_evaluate(model, config, data, plan, folder, callback, stop, resume, best_state, context)
     except KeyboardInterrupt:
         folder.update(status="stopped", error="interrupted (Ctrl-C)")
         callback.on_run_end(dict(folder.record))
         raise
     except Exception as error:  # noqa: BLE001 - any failure is recorded in the run, not lost
-        with contextlib.suppress(OSError):  # the store may be what failed (full disk)
-            (folder.path / "traceback.txt").write_text(traceback.format_exc())
+        if context.is_main:
+            with contextlib.suppress(OSError):  # the store may be what failed (full disk)
+                (folder.path / "traceback.txt").write_text(traceback.format_exc())
+        if context.is_distributed:
+            # The other processes wait for this one in their next collective: ending this process (torchrun
+            # then ends them, or their collective fails) is the only way they learn of it. Stored first.
+            with contextlib.suppress(OSError):
+                callback.on_run_end(folder.update(status="failed", error=f"{type(error).__name__}: {error}",
+                                                  seconds=_seconds(folder)))
+            raise
         outcome = {"status": "failed", "error": f"{type(error).__name__}: {error}"}
     if outcome["status"] not in RESUMABLE_STATUSES:
         folder.discard_resume_state()  # only a run that can go on keeps the large optimizer state
@@ -380,23 +440,36 @@ def _run_to_the_end(model, config, data, plan, folder: RunFolder, callback, stop
 
 
 def _train_and_evaluate(model, config, data, plan, folder: RunFolder, callback, stop,
-                        resume: TrainingState | None = None, best_state: dict | None = None) -> dict:
+                        resume: TrainingState | None = None, best_state: dict | None = None,
+                        context: DistributedContext = SINGLE_PROCESS) -> dict:
     model.to(plan.device, memory_format=plan.memory_format)
     parts = {split: TensorData.from_prepared(data, split, plan.device) for split in ("train", "val", "test")}
+    _record_residency(folder, parts["train"].residency, resumed=resume is not None)
     result = fit(model, parts["train"], parts["val"], config, plan, _with_history(folder, callback), stop,
                  on_improvement=folder.save_model, run_label=(folder.run_id, config.model),
                  resume=resume, best_state=best_state,
-                 on_checkpoint=lambda state: folder.save_resume_state(state.to_dict()))
+                 on_checkpoint=lambda state: folder.save_resume_state(state.to_dict()), context=context)
     outcome = {"status": result.status, "best_epoch": result.best_epoch, "seconds": _seconds(folder)}
     if result.message:
         outcome["error" if result.status != "stopped" else "message"] = result.message
     if result.best_state is None:
         return outcome  # stopped or diverged before the first epoch ended: nothing to evaluate
     model.load_state_dict(result.best_state)
-    outcome["metrics"], predictions = _final_metrics(model, parts, data, plan, config)
+    outcome["metrics"], predictions = _final_metrics(model, parts, data, plan, config, context)
     folder.save_table("predictions.csv", predictions)
     outcome["seconds"] = _seconds(folder)
     return outcome
+
+
+def _record_residency(folder: RunFolder, residency: str, resumed: bool) -> None:
+    """Whether the images were held in memory (on the device) or read from the image cache on disk, in the
+    environment of the run, or of its latest resume."""
+    if resumed and folder.record.get("resumes"):
+        resumes = folder.record["resumes"]
+        latest = {**resumes[-1], "environment": {**resumes[-1].get("environment", {}), "data_residency": residency}}
+        folder.update(resumes=[*resumes[:-1], latest])
+    else:
+        folder.update(environment={**folder.record.get("environment", {}), "data_residency": residency})
 
 
 def _with_history(folder: RunFolder, callback: TrainingCallback) -> TrainingCallback:
@@ -410,10 +483,11 @@ def _with_history(folder: RunFolder, callback: TrainingCallback) -> TrainingCall
     return History([callback])
 
 
-def _final_metrics(model, parts, data: PreparedData, plan, config) -> tuple[dict, pd.DataFrame]:
+def _final_metrics(model, parts, data: PreparedData, plan, config,
+                   context: DistributedContext = SINGLE_PROCESS) -> tuple[dict, pd.DataFrame]:
     metrics, frames = {}, []
     for split, part in parts.items():
-        probabilities, _ = evaluate(model, part, plan, config.batch_size * 2)
+        probabilities, _ = evaluate(model, part, plan, config.batch_size * 2, context=context)
         labels = part.labels.cpu().numpy()
         metrics[split] = compute_metrics(labels, probabilities, config.threshold)
         if split != "train":

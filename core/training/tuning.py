@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import optuna
 import pandas as pd
+from sqlalchemy.engine import make_url
 
 from core.config import TrainConfig
 from core.data.datasets import PreparedData
@@ -24,6 +25,7 @@ from core.runs import RunStore
 from core.training.callbacks import EpochRecord, TrainingCallback
 from core.training.estimates import StepProgress, WorkItem
 from core.training.loop import run_training
+from core.training.study_storage import open_storage
 
 PRUNERS = ("median", "percentile", "hyperband", "none")
 # fANOVA importances from fewer finished trials are noise that looks like a finding.
@@ -87,19 +89,27 @@ class _ReportToTrial(TrainingCallback):
 
 
 def run_study(data: PreparedData, base: TrainConfig, store: RunStore, study_name: str, trials: int,
-              storage: str | None = None, pruner: str | optuna.pruners.BasePruner = "median",
+              storage: str | optuna.storages.BaseStorage | None = None,
+              pruner: str | optuna.pruners.BasePruner = "median",
               space: SearchSpace = SearchSpace(),
               callbacks: list[TrainingCallback] | None = None, stop: threading.Event | None = None,
               on_trial_end: Callable[[optuna.Study, optuna.trial.FrozenTrial], None] | None = None,
               on_step: Callable[[StepProgress], None] | None = None) -> optuna.Study:
-    """Run `trials` more trials of the study (created, or continued when it exists). `on_step` hears
-    "trial k of `trials`" as each trial starts, with the work left after it (for time estimates)."""
+    """Run `trials` more trials of the study (created, or continued when it exists). `storage` is a URL or
+    an opened storage (default: SQLite in the run store); other workers may add trials to the same study
+    at the same time. `on_step` hears "trial k of `trials`" as each trial starts, with the work left after
+    it (for time estimates)."""
     stop = stop or threading.Event()
-    study = optuna.create_study(study_name=study_name, storage=storage or default_storage(store),
-                                direction="maximize", pruner=make_pruner(pruner), load_if_exists=True)
+    storage = storage or default_storage(store)
+    opened = open_storage(storage) if isinstance(storage, str) else storage
+    study = optuna.create_study(study_name=study_name, storage=opened, direction="maximize",
+                                pruner=make_pruner(pruner), load_if_exists=True)
     # Seeded for reproducibility, but offset by the trials already there: a continued study must not
-    # replay the same random start-up points.
-    study.sampler = optuna.samplers.TPESampler(seed=base.seed + len(study.trials))
+    # replay the same random start-up points. A study in another storage may be shared, and workers
+    # started together would count the same trials and draw the same parameters: it is not seeded.
+    url = getattr(opened, "url", None)
+    shared = url is None or make_url(url) != make_url(default_storage(store))
+    study.sampler = optuna.samplers.TPESampler(seed=None if shared else base.seed + len(study.trials))
     study.set_user_attr("model", base.model)
     study.set_user_attr("dataset", data.describe()["fingerprint"])
 
