@@ -88,7 +88,8 @@ def start_blocker(study: str, cells: list[AblationCell], shared: SharedAblation 
                 f" ({job.describe_step()})." if job.describe_step() else ".")
     if shared is not None and shared.cells != [describe_cell(cell) for cell in cells]:
         return (f"Study {study!r} in the shared storage holds other cells "
-                f"({', '.join(cell['key'] for cell in shared.cells)}): choose its splits and epochs to join it.")
+                f"({', '.join(cell['key'] for cell in shared.cells)}): choose its models, splits and epochs to join "
+                "it.")
     return ""
 
 

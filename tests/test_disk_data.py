@@ -198,3 +198,19 @@ def test_a_queued_run_shows_how_far_decoding_has_got(tmp_path):
     assert job.state == "completed" and job.decoded == (20, 20)
     decoding = Job(1, TINY_CONFIG, DataSpec(source=str(root)), state="preparing", decoded=(1_234, 100_000))
     assert decoding.progress_text().endswith("decoding images into the cache: 1,234 of 100,000")
+
+
+def test_near_duplicate_pairs_are_found_once_and_then_read(tmp_path, monkeypatch):
+    import core.data.duplicates as duplicates
+
+    rng = np.random.default_rng(0)
+    hashes = rng.integers(0, 2**63, (50, duplicates.VIEW_COUNT, duplicates.HASH_WORDS), dtype=np.int64)
+    hashes = hashes.astype(np.uint64)
+    hashes[7] = hashes[3]  # one planted pair
+    found = duplicates.load_or_find_near_duplicates(hashes, tmp_path)
+    assert found[:, :2].tolist() == [[3, 7]]
+    monkeypatch.setattr(duplicates, "find_near_duplicates", lambda *a: pytest.fail("searched again"))
+    assert np.array_equal(duplicates.load_or_find_near_duplicates(hashes, tmp_path), found)
+    monkeypatch.undo()
+    hashes[8] = hashes[3]  # other images: another digest, searched afresh
+    assert duplicates.load_or_find_near_duplicates(hashes, tmp_path)[:, :2].tolist() == [[3, 7], [3, 8], [7, 8]]

@@ -21,6 +21,7 @@ from core.data.duplicates import (
     DEFAULT_THRESHOLD,
     find_near_duplicates,
     hashes_path,
+    load_or_find_near_duplicates,
     load_or_hash_images,
     merge_groups,
     pairs_table,
@@ -278,7 +279,7 @@ def prepare_data(
         prepared = _prepare_files(spec, config, cache_dir, progress)
     _check_classes(prepared)
     if prepared.hashes is not None:
-        prepared.near_duplicates = find_near_duplicates(prepared.hashes)
+        prepared.near_duplicates = load_or_find_near_duplicates(prepared.hashes, cache_dir)
     groups = None
     if config.group_near_duplicates and prepared.near_duplicates is not None:
         groups = merge_groups(prepared.table["group"].astype(str), prepared.near_duplicates)

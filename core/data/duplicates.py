@@ -15,6 +15,7 @@ image cache is built (core.data.images), and stored beside it; the synthetic set
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -90,12 +91,15 @@ def read_hashes(path: Path | None, count: int) -> np.ndarray | None:
 
 def write_hashes(path: Path | None, hashes: np.ndarray) -> None:
     """Store hashes atomically; a cache that cannot be written only costs the hashing again next time."""
-    if path is None:
-        return
+    if path is not None:
+        _save_atomically(path, hashes)
+
+
+def _save_atomically(path: Path, array: np.ndarray) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         temporary = path.with_name(f"{path.stem}.{os.getpid()}.tmp.npy")
-        np.save(temporary, hashes)
+        np.save(temporary, array)
         os.replace(temporary, path)
     except OSError:
         pass
@@ -108,6 +112,26 @@ def load_or_hash_images(images: np.ndarray, path: Path | None) -> np.ndarray:
         hashes = hash_images(images)
         write_hashes(path, hashes)
     return hashes
+
+
+def load_or_find_near_duplicates(hashes: np.ndarray, cache_dir: Path | str | None,
+                                 threshold: int = DEFAULT_THRESHOLD) -> np.ndarray:
+    """`find_near_duplicates`, stored in `cache_dir` under a digest of the hashes themselves: comparing all
+    pairs grows with the square of the dataset (about a minute at 100,000 images on 2 cores), and the same
+    images (hence the same pairs) are loaded again by every run, resume and evaluation."""
+    if cache_dir is None:
+        return find_near_duplicates(hashes, threshold)
+    digest = hashlib.sha1(np.ascontiguousarray(hashes).tobytes()).hexdigest()[:20]
+    path = Path(cache_dir) / f"pairs-v{HASH_VERSION}-{digest}-t{threshold}.npy"
+    try:
+        pairs = np.load(path)
+        if pairs.ndim == 2 and pairs.shape[1] == 3 and pairs.dtype == np.int64:
+            return pairs
+    except (OSError, ValueError):
+        pass  # missing or damaged: found again below
+    pairs = find_near_duplicates(hashes, threshold)
+    _save_atomically(path, pairs)  # one that cannot be written costs the search again next time
+    return pairs
 
 
 def _bit_counts(words: np.ndarray) -> np.ndarray:
