@@ -816,7 +816,10 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"only train and resume run under torchrun, not {args.command}")
         return commands[args.command](args)
     except (DatasetError, RunStoreError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
+        # One write of the whole line: torchrun's processes share one stderr, where print's separate write of
+        # the newline lets another process's error land in the middle of this line.
+        sys.stderr.write(f"error: {error}\n")
+        sys.stderr.flush()
         return EXIT_BAD_INPUT
     except InterruptedError:
         print("stopped; the results finished so far are stored with their runs", file=sys.stderr)
