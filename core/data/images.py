@@ -28,6 +28,7 @@ from core.data.duplicates import (
     read_hashes,
     write_hashes,
 )
+from core.runs import write_json
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 # A cache that cannot be written (read-only or full disk) is decoded into memory instead, up to this size;
@@ -351,9 +352,7 @@ def _decode_into_cache(paths, size, progress, workers, hashes: np.ndarray | None
             os.fsync(file.fileno())
         os.replace(temporary, array_path)
         kept = np.flatnonzero(ok)
-        temporary_index = index_path.with_name(f"{index_path.stem}.{os.getpid()}.tmp.json")
-        temporary_index.write_text(json.dumps({"kept": kept.tolist(), "skipped": [list(item) for item in skipped]}))
-        os.replace(temporary_index, index_path)
+        write_json(index_path, {"kept": kept.tolist(), "skipped": [list(item) for item in skipped]})
     except BaseException:
         temporary.unlink(missing_ok=True)
         if not index_path.exists():
