@@ -290,6 +290,11 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--method", default="gradcam", help="the CAM method of --cams")
     predict.add_argument("--runs-dir", default=str(default_runs_dir()))
     add_check_data_parser(commands)
+    commands.add_parser(
+        "hash-password", help="make the admin password hash of a classroom deployment",
+        description="Reads a password (asked twice on a terminal, else the first line of stdin) and prints its "
+                    "salted scrypt hash, for admin_password_hash in .streamlit/secrets.toml or the "
+                    "SKIN_ADMIN_PASSWORD_HASH environment variable. The password itself is stored nowhere.")
     return parser
 
 
@@ -795,6 +800,21 @@ def command_check_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def command_hash_password(args: argparse.Namespace) -> int:
+    import getpass
+
+    from core.access import hash_password
+
+    if sys.stdin.isatty():
+        password = getpass.getpass("Admin password: ")
+        if getpass.getpass("Again: ") != password:
+            raise ValueError("the two passwords differ")
+    else:  # piped: `printf %s "$PASSWORD" | python -m core hash-password`
+        password = sys.stdin.readline().rstrip("\r\n")
+    print(hash_password(password))  # hash_password refuses an empty one (ValueError: one line, exit 2)
+    return 0
+
+
 def _comma_list(text: str) -> list[str]:
     return [part.strip() for part in text.split(",") if part.strip()]
 
@@ -804,7 +824,7 @@ def main(argv: list[str] | None = None) -> int:
     commands = {"train": command_train, "resume": command_resume, "tune": command_tune, "ablate": command_ablate,
                 "list": command_list, "compare": command_compare, "evaluate": command_evaluate,
                 "explain": command_explain, "audit": command_audit, "predict": command_predict,
-                "check-data": command_check_data}
+                "check-data": command_check_data, "hash-password": command_hash_password}
     STOP.clear()
     in_main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, lambda signum, frame: STOP.set()) if in_main_thread else None

@@ -693,3 +693,45 @@ def _subgroup_label(table, group: str) -> str:
     count, positives = counts.pop()
     small = ", too small" if rows["too_small"].all() else ""
     return f"{group}<br><sup>n={count}, {positives} malignant{small}</sup>"
+
+
+STUDENT_MARK_COLOUR = (0, 229, 255)  # cyan: apart from the green lesion outline and the maps' jet colours
+
+
+def marks_overlay(image: np.ndarray, marks: list, mask: np.ndarray | None = None, colour=STUDENT_MARK_COLOUR,
+                  opacity: float = 1.0) -> np.ndarray:
+    """The image with students' marks drawn on it (click points as dots, boxes as rectangles), and the lesion
+    outline when a mask is given. `marks` are `core.quiz.scoring.Marks` in image fractions; with many students'
+    marks a lower `opacity` shows where they crowd."""
+    from PIL import Image, ImageDraw
+
+    base = outline_mask(image, mask) if mask is not None else image
+    height, width = base.shape[:2]
+    layer = Image.new("RGBA", (width, height), (0, 0, 0, 0))
+    draw = ImageDraw.Draw(layer)
+    alpha = int(round(255 * opacity))
+    radius, line = max(3, width // 45), max(2, width // 120)
+    for mark in marks:
+        if mark.box is not None:
+            x0, y0, x1, y1 = mark.box
+            draw.rectangle((x0 * width, y0 * height, x1 * width, y1 * height), outline=(*colour, alpha), width=line)
+        for x, y in mark.points:
+            centre = (x * width, y * height)
+            draw.ellipse((centre[0] - radius, centre[1] - radius, centre[0] + radius, centre[1] + radius),
+                         fill=(*colour, alpha), outline=(0, 0, 0, alpha))
+    return np.asarray(Image.alpha_composite(Image.fromarray(base).convert("RGBA"), layer).convert("RGB"))
+
+
+@templated
+def quiz_answerers_figure(rows: list[dict]) -> go.Figure:
+    """The class against the models on the same answered images: share right and pointing hit rate (the
+    students' main mark, each model's map peak, inside the lesion) per answerer."""
+    names = [row["Who"] for row in rows]
+    figure = go.Figure([
+        go.Bar(name="Right", x=names, y=[row["Right"] for row in rows], marker_color="#4c72b0"),
+        go.Bar(name="Pointing hit rate (inside the lesion)", x=names, y=[row["Pointing hit rate"] for row in rows],
+               marker_color="#55a868"),
+    ])
+    figure.update_layout(barmode="group", yaxis_range=[0, 1.05], height=340, margin=dict(l=10, r=10, t=40, b=10),
+                         title="The class and the models on the same images", legend=dict(orientation="h", y=-0.2))
+    return figure

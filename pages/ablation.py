@@ -23,6 +23,7 @@ from pages.common import (
     job_progress_and_stop,
     persistent,
     prepared_for,
+    require_admin_page,
     require_entrypoint,
     rerun_when_queue_changes,
     run_choice_label,
@@ -50,7 +51,7 @@ def shared_study(storage: str, study: str) -> SharedAblation | None:
     return load_shared_ablation(study_storage(storage), study)
 
 
-def start(kind: str, cells, study: str, storage: str) -> None:
+def start(kind: str, cells, study: str, storage: str) -> int | None:
     store, spec = run_store(), current_data_spec()
 
     def task(stop, callback):
@@ -63,7 +64,7 @@ def start(kind: str, cells, study: str, storage: str) -> None:
             return "stopped", "stopped by request; finished cells are kept and re-running continues"
         return ("completed", None) if len(done) == len(cells) else ("failed", "some cells did not complete")
 
-    shared_job_queue().submit_task(study_label(study), cells[0].config, spec, task, kind="ablation")
+    return shared_job_queue().submit_task(study_label(study), cells[0].config, spec, task, kind="ablation")
 
 
 def estimate_cells(cells: list[AblationCell]) -> TimeEstimate | None:
@@ -109,7 +110,8 @@ def launch(kind: str, cells: list[AblationCell], study: str, storage: str) -> No
     blocker = start_blocker(study, cells, shared)
     if st.button(f"Run the {len(cells)} cells", key="ablation.start", type="primary", icon=":material/science:",
                  disabled=bool(blocker) or not confirmed, help=blocker or None):
-        start(kind, cells, study, storage)
+        if start(kind, cells, study, storage) is None:
+            return  # refused (queue limit): the reason is shown
         st.toast("Queued in the background queue (progress also on the Train page).")
         st.rerun()  # draws Run disabled, now that the study is queued
     if blocker:
@@ -189,6 +191,7 @@ def live(kind, cells, study, storage) -> None:
 
 def main() -> None:
     require_entrypoint()
+    require_admin_page("Ablation")
     st.title("Ablation")
     st.caption(f"On {dataset_label(current_data_spec())}, with the Train page's settings; every cell uses the same "
                "seed and (for the components) the same split.")

@@ -38,6 +38,7 @@ from core.runs import RunStore
 from pages.common import (
     AUDIT_JOB,
     AUDIT_RUNS,
+    can_administer,
     choose_model_runs,
     job_progress_and_stop,
     persistent,
@@ -47,6 +48,7 @@ from pages.common import (
     runs_with_models,
     session_job,
     shared_job_queue,
+    waiting_for_runs,
 )
 
 FAILS_STYLE = "background-color: #b5483b; color: white; font-weight: bold"
@@ -104,7 +106,7 @@ def settings_widgets() -> tuple[AuditSettings | None, str]:
     return settings, ""
 
 
-def start_audit(runs: list[dict], settings: AuditSettings) -> int:
+def start_audit(runs: list[dict], settings: AuditSettings) -> int | None:
     """Queue the audit; its task reports `done` of `total` steps and which run it is on."""
     store, run_ids = run_store(), [run["run_id"] for run in runs]
 
@@ -158,7 +160,10 @@ def launch(store: RunStore, runs: list[dict], settings: AuditSettings | None, pr
         except ValueError as error:
             st.error(f"Cannot audit: {error}.")
             return
-        st.session_state[AUDIT_JOB] = start_audit(runs, settings)
+        job = start_audit(runs, settings)
+        if job is None:
+            return  # refused (a viewer's forged click, or the queue limit): the reason is shown
+        st.session_state[AUDIT_JOB] = job
         st.toast("Queued: the audit runs in the background queue (progress below and on the Train page).")
         st.rerun()  # draws Run disabled, now that the audit is queued
     if blocker:
@@ -268,13 +273,13 @@ def main() -> None:
     store = run_store()
     available = runs_with_models(store)
     if not available:
-        st.info("No trained runs yet. Train models first; the audit checks the maps of their stored models.")
-        st.page_link("pages/train.py", label="Go to the Train page", icon=":material/model_training:")
+        waiting_for_runs()
         live()  # an audit queued before the runs were deleted still shows its progress
         return
     runs = choose_model_runs(available, AUDIT_RUNS, "audited")
-    settings, problem = settings_widgets()
-    launch(store, runs, settings, problem)
+    if can_administer():  # viewers see the stored results; the teacher runs audits
+        settings, problem = settings_widgets()
+        launch(store, runs, settings, problem)
     live()
     if not runs:
         st.info("Choose at least one run to see or run its audit.")

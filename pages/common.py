@@ -4,15 +4,18 @@ the chosen dataset and the config built from the widgets."""
 from __future__ import annotations
 
 import dataclasses
+import time
+import uuid
 
 import streamlit as st
 
-from core.config import PRESETS, DataSpec, TrainConfig
+from core import access
+from core.config import MODEL_NAMES, PRESETS, DataSpec, TrainConfig
 from core.data.datasets import PreparedData, prepare_data
 from core.evaluation.ood import OodDetector, ood_detector
 from core.models import get_model_spec
 from core.runs import RunStore, default_runs_dir, run_label
-from core.training.jobs import Job, JobQueue, shared_queue
+from core.training.jobs import Job, JobQueue, QueueLimitError, QueueSnapshot, describe_batch, shared_queue
 
 # Session-state keys.
 ENTRYPOINT_RAN = "app.entrypoint_ran"  # set by streamlit_app.py on every run
@@ -29,7 +32,18 @@ EVALUATE_JOB = "compare.evaluate_job"  # id of the external evaluation this sess
 PREDICT_RUNS = "predict.runs"  # the runs chosen on the Predict page (a multiselect's key)
 PREDICT_JOB = "predict.job"  # id of the folder prediction this session queued: its table is shown when it ends
 PREDICT_RESULT = "predict.result"  # the last prediction this session ran inline (uploads, small folders)
+QUIZ_TOKEN = "quiz.token"  # this session's random answer token: the quiz stores answers under it, never a name
+QUIZ_QUESTION = "quiz.question"  # {"dataset", "image_id", "number"}: the image this session is asked about
+QUIZ_MARKS = "quiz.marks"  # core.quiz.scoring.Marks on that image, from the image component's clicks
+QUIZ_SEEN_CLICK = "quiz.seen_click"  # the component event last turned into a mark (its unix_time)
+QUIZ_REVEAL = "quiz.reveal"  # {"answer_id", "image_id"} once the current image is answered: the reveal shows
 VALUE_PREFIX, WIDGET_PREFIX = "value.", "widget."
+# Classroom roles (core/access.py decides; these keys live only on the server, a browser cannot set them).
+SESSION_OWNER = "access.owner"  # this session's id: whose jobs the queue's per-session limit counts
+ADMIN_SINCE = "access.admin_since"  # time.time() of this session's password sign-in as admin
+ACCESS_NOTICE = "access.notice"  # a message for the sidebar's next run ("the admin session expired")
+SEEN_TRAINED = "start.seen_trained"  # runs with a model when a page waiting for runs last looked
+SEEN_DEMO = "start.seen_demo"  # (demo batch active, its runs done) when the Start page last looked
 
 SPLIT_RATIOS = ["80:20", "70:30", "60:40"]  # the paper's train:test ratios
 
@@ -47,6 +61,16 @@ def require_entrypoint() -> None:
     """
     if not st.session_state.get(ENTRYPOINT_RAN):
         st.switch_page("streamlit_app.py")
+
+
+def require_admin_page(title: str) -> None:
+    """Stop a page that only the admin may use (Tune, Ablation, Predict: they queue work or read server
+    paths), for a viewer who opens it anyway; the navigation does not list it for viewers."""
+    if not can_administer():
+        st.title(title)
+        st.warning("This page is for the admin of this server: sign in on the sidebar to use it.",
+                   icon=":material/lock:")
+        st.stop()
 
 
 def persistent(widget, label: str, name: str, default, **options):
@@ -90,9 +114,55 @@ def current_config(model: str = "hybrid_sresnet") -> TrainConfig:
     return TrainConfig(model=model, **values)
 
 
-def shared_job_queue() -> JobQueue:
-    """One queue per process and run store, shared by every session and tab."""
-    return shared_queue(run_store())
+def shared_job_queue() -> SessionJobQueue:
+    """The process's one queue (shared by every session and tab) as this session may use it."""
+    return SessionJobQueue(shared_queue(run_store()), session_owner())
+
+
+class SessionJobQueue:
+    """The pages' only way to the job queue: it refuses a viewer's submit, resume, stop and clear, and
+    passes this session's queue limit, so a forged rerun (a disabled button clicked anyway) changes
+    nothing. A refusal is shown on the page and returns None (no job id)."""
+
+    def __init__(self, queue: JobQueue, owner: str) -> None:
+        self.queue, self.owner = queue, owner
+
+    def snapshot(self) -> QueueSnapshot:
+        return self.queue.snapshot()
+
+    def wait_until_idle(self, timeout: float | None = None) -> bool:
+        return self.queue.wait_until_idle(timeout)
+
+    def active_count(self) -> int:
+        return self.queue.active_count(self.owner)
+
+    def submit(self, configs: list[TrainConfig], data: DataSpec, group: str = "") -> list[int] | None:
+        return self._queue(lambda limit: self.queue.submit(configs, data, group, owner=self.owner, limit=limit))
+
+    def submit_task(self, label: str, config: TrainConfig, data: DataSpec, task, kind: str = "tune") -> int | None:
+        return self._queue(lambda limit: self.queue.submit_task(label, config, data, task, kind, owner=self.owner,
+                                                                limit=limit))
+
+    def submit_resume(self, run_id: str) -> int | None:
+        """Raises ResumeError as JobQueue.submit_resume does (the Train page says why)."""
+        return self._queue(lambda limit: self.queue.submit_resume(run_id, owner=self.owner, limit=limit))
+
+    def stop(self, job_id: int) -> bool:
+        if not allowed("stop jobs"):
+            return False
+        return self.queue.stop(job_id)
+
+    def clear_queue(self) -> int:
+        return self.queue.clear_queue() if allowed("clear the queue") else 0
+
+    def _queue(self, submit):
+        if not allowed("start jobs"):
+            return None
+        try:
+            return submit(access_settings().queue_limit)
+        except QueueLimitError as error:
+            st.error(f"Not queued: {error}", icon=":material/block:")
+            return None
 
 
 def run_store() -> RunStore:
@@ -164,11 +234,14 @@ def job_progress_and_stop(kind: str, page_key: str, waiting: str) -> Job | None:
         return None
     st.progress(current.fraction_done, text=current.progress_text())
     if current.kind == kind:
+        administer = can_administer()
+        # A viewer sees Stop disabled; a forged click reaches queue.stop, which refuses it and says so.
         if st.button(f"Stop {current.title}", key=f"{page_key}.stop", icon=":material/stop:",
-                     help=STOP_HELP.get(kind, DEFAULT_STOP_HELP)):
+                     help=STOP_HELP.get(kind, DEFAULT_STOP_HELP), disabled=not administer):
             stopped = queue.stop(current.job_id)
             when = "between two steps" if kind == "audit" else "after the current batch"
-            st.toast(f"Stopping {when}." if stopped else f"{current.title} had already ended.")
+            if administer:
+                st.toast(f"Stopping {when}." if stopped else f"{current.title} had already ended.")
     else:
         st.info(f"The queue is busy with {current.busy_text()}; {waiting}. Stop it on the "
                 f"{JOB_PAGES.get(current.kind, 'Train')} page.", icon=":material/hourglass_top:")
@@ -226,3 +299,167 @@ def session_job(key: str) -> Job | None:
     """The job whose id this session stored under `key` when it queued it, while the queue remembers it."""
     job_id = st.session_state.get(key)
     return next((job for job in shared_job_queue().snapshot().jobs if job.job_id == job_id), None)
+
+
+def secrets_dict() -> dict:
+    """Streamlit's secrets as a dict; empty without a secrets.toml (st.secrets raises then)."""
+    try:
+        return st.secrets.to_dict() if st.secrets.load_if_toml_exists() else {}
+    except Exception:  # noqa: BLE001 - an unreadable secrets.toml: access_settings() locks down below
+        return {"admin_password_hash": "unreadable secrets.toml"}
+
+
+def access_settings() -> access.AccessSettings:
+    """The deployment's roles and queue limit. A configuration that cannot be read makes everyone a viewer
+    (and says so in the sidebar) rather than leaving a classroom server open."""
+    try:
+        return access.load_access_settings(secrets_=secrets_dict())
+    except ValueError as error:
+        return access.AccessSettings(problem=f"The access configuration cannot be used: {error}")
+
+
+def session_owner() -> str:
+    """A random id for this browser session, made once: the queue counts its jobs under it."""
+    if SESSION_OWNER not in st.session_state:
+        st.session_state[SESSION_OWNER] = uuid.uuid4().hex
+    return st.session_state[SESSION_OWNER]
+
+
+def login_email(settings: access.AccessSettings) -> str | None:
+    """The e-mail of a user logged in through Streamlit's st.login, where an [auth] section is configured."""
+    if not settings.login_configured:
+        return None
+    try:
+        return st.user.email if st.user.is_logged_in else None
+    except (AttributeError, KeyError):  # a provider that gives no e-mail claim
+        return None
+
+
+def current_role() -> str:
+    """access.ADMIN or access.VIEWER for this session now; an expired admin sign-in is forgotten here,
+    with a notice for the sidebar."""
+    settings = access_settings()
+    signed_in_at = st.session_state.get(ADMIN_SINCE)
+    now = time.time()
+    if access.session_expired(settings, signed_in_at, now):
+        st.session_state[ADMIN_SINCE] = None
+        st.session_state[ACCESS_NOTICE] = "The admin session expired: sign in again to change things."
+        signed_in_at = None
+    return access.resolve_role(settings, signed_in_at, now, login_email(settings))
+
+
+def can_administer() -> bool:
+    """Whether this session may change things (train, stop, delete, set paths, pick the quiz set): always
+    without a classroom configuration, else only a signed-in admin."""
+    return current_role() == access.ADMIN
+
+
+def allowed(action: str) -> bool:
+    """can_administer(), and when not, the refusal shown on the page: the server-side check behind every
+    control a viewer sees disabled."""
+    if can_administer():
+        return True
+    st.error(f"Only the admin can {action} on this server (sign in on the sidebar).", icon=":material/lock:")
+    return False
+
+
+def delete_run(store: RunStore, run_id: str) -> bool:
+    """Delete a run and its files, for an admin only; False (and the reason shown) otherwise."""
+    if not allowed("delete runs"):
+        return False
+    try:
+        store.delete(run_id)
+    except (KeyError, OSError) as error:
+        st.error(f"Could not delete {run_id}: {error}")
+        return False
+    return True
+
+
+def access_sidebar() -> None:
+    """The classroom's sidebar: sign in as admin (password, throttled), the session's time left, sign out;
+    nothing at all without a classroom configuration."""
+    settings = access_settings()
+    if not settings.classroom:
+        return
+    st.divider()
+    if settings.problem:
+        st.error(settings.problem, icon=":material/lock:")
+    administer = can_administer()  # first: it notices an expired sign-in
+    notice = st.session_state.pop(ACCESS_NOTICE, None)
+    if notice:
+        st.warning(notice, icon=":material/timer_off:")
+    email = login_email(settings)
+    if administer:
+        signed_in_at = st.session_state.get(ADMIN_SINCE)
+        if signed_in_at is not None:
+            left = access.wait_text(settings.session_seconds - (time.time() - signed_in_at))
+            st.success(f"Signed in as admin (for {left} more).", icon=":material/admin_panel_settings:")
+            if st.button("Sign out", key="access.sign_out", icon=":material/logout:"):
+                st.session_state[ADMIN_SINCE] = None
+                st.rerun()
+        else:
+            st.success(f"Admin: {email}.", icon=":material/admin_panel_settings:")
+            if st.button("Log out", key="access.log_out", icon=":material/logout:"):
+                st.logout()
+        return
+    st.caption("Viewing: you can browse the results, explanations and the quiz. The teacher signs in to train.")
+    if settings.password_hash:
+        with st.form("access.sign_in_form", clear_on_submit=True, border=False):  # no password kept in the widget
+            password = st.text_input("Admin password", type="password", key="access.password")
+            submitted = st.form_submit_button("Sign in as admin", icon=":material/login:", key="access.sign_in")
+        if submitted:
+            result = access.sign_in(settings, access.shared_login_throttle(), session_owner(), password)
+            if result.ok:
+                st.session_state[ADMIN_SINCE] = time.time()
+                st.rerun()
+            st.error(result.message, icon=":material/lock:")
+    if settings.login_configured and settings.admin_emails and not email:
+        if st.button("Log in with the identity provider", key="access.log_in", icon=":material/login:"):
+            st.login()
+
+
+ALL_FIVE = "Train all five"  # the group of the Train page's batch of the five models, and of the demo runs
+
+
+def queue_all_five(data: DataSpec, config_for=current_config) -> list[int] | None:
+    """Queue one run of each model (the Train page's "Train all five", and the first visit's demo runs)."""
+    return shared_job_queue().submit([config_for(model) for model in MODEL_NAMES], data, group=ALL_FIVE)
+
+
+def demo_config(model: str) -> TrainConfig:
+    """The Quick demo defaults, whatever this session's Train page widgets say."""
+    return dataclasses.replace(PRESETS["quick"], model=model)
+
+
+@st.cache_data(ttl=5, show_spinner=False)
+def trained_runs_in(root: str) -> int:
+    # The entry point asks on every rerun of every session: one directory scan per 5 s is enough.
+    return len(runs_with_models(RunStore(root)))
+
+
+def has_trained_runs() -> bool:
+    """Whether any run has a model to compare or explain (the entry point opens on Start when none has)."""
+    return trained_runs_in(str(run_store().root)) > 0
+
+
+@st.fragment(run_every=3.0)
+def waiting_for_runs() -> None:
+    """For a page with no runs to show: what it is waiting for (the demo runs training, with progress), or
+    where to start, with a link; polled, and the page redrawn once a run has finished."""
+    trained = len(runs_with_models(run_store()))
+    previous = st.session_state.get(SEEN_TRAINED, trained)
+    st.session_state[SEEN_TRAINED] = trained
+    if previous != trained:  # a change, not a count: a page may have reasons of its own to show no run
+        st.rerun(scope="app")
+    progress = describe_batch(shared_job_queue().snapshot(), ALL_FIVE)
+    if progress:
+        st.info(f"The demo runs are training: {progress}. This page fills in as they finish.",
+                icon=":material/hourglass_top:")
+    elif can_administer():
+        st.info("No trained runs yet. Train models first: the Start page prepares the five demo runs in one click, "
+                "the Train page trains your own.", icon=":material/info:")
+    else:
+        st.info("No trained runs yet: wait for the teacher to train the models.", icon=":material/info:")
+    st.page_link("pages/start.py", label="Go to the Start page", icon=":material/flag:")
+    if can_administer():
+        st.page_link("pages/train.py", label="Go to the Train page", icon=":material/model_training:")

@@ -35,6 +35,7 @@ from pages.common import (
     DATA_SPEC,
     EVALUATE_JOB,
     EXPLAIN_REQUEST,
+    can_administer,
     current_config,
     current_data_spec,
     job_progress_and_stop,
@@ -46,6 +47,7 @@ from pages.common import (
     run_store,
     session_job,
     shared_job_queue,
+    waiting_for_runs,
 )
 
 SPREAD_ROWS = 60  # images the all-models view draws at once (one row each)
@@ -83,7 +85,7 @@ def choose_test_set(store: RunStore, runs: list[dict]) -> ExternalSet | None:
     return next((item for item in available if item.key == key), None)
 
 
-def start_evaluation(runs: list[dict], spec: DataSpec) -> int:
+def start_evaluation(runs: list[dict], spec: DataSpec) -> int | None:
     """Queue the external evaluation; it reports runs done and which one it is on."""
     store, run_ids = run_store(), [run["run_id"] for run in runs]
 
@@ -104,7 +106,8 @@ def start_evaluation(runs: list[dict], spec: DataSpec) -> int:
 
 
 def evaluation_launcher(runs: list[dict], finished) -> None:
-    """Another labelled dataset, in any supported format: every chosen run is applied to all of it."""
+    """Another labelled dataset, in any supported format: every chosen run is applied to all of it. Only
+    the admin points the server at a path; viewers see the evaluations already stored."""
     with st.expander("Evaluate on another dataset (external validation)", icon=":material/travel_explore:"):
         left, right = st.columns([3, 1])
         path = left.text_input("Dataset path", key="compare.external_path",
@@ -121,8 +124,10 @@ def evaluation_launcher(runs: list[dict], finished) -> None:
                 st.error(f"Cannot evaluate on {path.strip()}: {error}")
                 return
             spec = DataSpec(source=path.strip(), format=data_format)
-            st.session_state[EVALUATE_JOB] = start_evaluation(runs, spec)
-            st.toast("Queued: the evaluation runs in the background queue (progress below).")
+            job = start_evaluation(runs, spec)
+            if job is not None:  # else refused (queue limit): the reason is shown
+                st.session_state[EVALUATE_JOB] = job
+                st.toast("Queued: the evaluation runs in the background queue (progress below).")
         st.caption("Predictions are stored with each run and reused: evaluating again on the same files is instant.")
     live_evaluation()
     show_evaluation_outcome(finished)
@@ -403,14 +408,16 @@ def main() -> None:
     store = run_store()
     runs = choose_runs(store.list_runs())
     if not runs:
-        st.info("No completed runs to compare yet. Train models first (Train all five gives the paper's comparison).")
-        st.page_link("pages/train.py", label="Go to the Train page", icon=":material/model_training:")
+        waiting_for_runs()
         return
     near_duplicate_badges(runs)
     threshold, sensitivity = threshold_widgets()
     finished = finished_evaluation()
     external = choose_test_set(store, runs)
-    evaluation_launcher(runs, finished)
+    if can_administer():
+        evaluation_launcher(runs, finished)
+    else:
+        live_evaluation()
     comparison = cached_comparison(str(store.root), tuple(run["run_id"] for run in runs), threshold, sensitivity,
                                    external.key if external else INTERNAL_TEST)
     if len(comparison.entries) < len(runs):

@@ -22,7 +22,9 @@ from core.figures import class_counts_figure, outline_mask
 from pages.common import (
     DATA_SPEC,
     SPLIT_RATIOS,
+    can_administer,
     current_config,
+    current_data_spec,
     dataset_label,
     persistent,
     prepared_for,
@@ -217,10 +219,15 @@ def show_near_duplicates(data: PreparedData, config: TrainConfig) -> None:
 def main() -> None:
     require_entrypoint()
     st.title("Data")
-    kind = persistent(st.radio, "Dataset", "source_kind", "Built-in synthetic set",
-                      options=["Built-in synthetic set", "Local dataset"], horizontal=True)
-    spec = synthetic_spec_widgets() if kind == "Built-in synthetic set" else local_spec_widgets()
-    split_widgets()
+    if can_administer():
+        kind = persistent(st.radio, "Dataset", "source_kind", "Built-in synthetic set",
+                          options=["Built-in synthetic set", "Local dataset"], horizontal=True)
+        spec = synthetic_spec_widgets() if kind == "Built-in synthetic set" else local_spec_widgets()
+        split_widgets()
+    else:
+        # No paths (they read the server's disk) and no new synthetic sets (each is drawn on the server's CPU).
+        st.info("Read-only: the teacher chooses the dataset.", icon=":material/lock:")
+        spec = current_data_spec()
     if spec is None:
         return
     try:

@@ -50,6 +50,7 @@ from pages.common import (
     FROM_COMPARE,
     VALUE_PREFIX,
     cached_ood_detector,
+    can_administer,
     current_data_spec,
     dataset_label,
     load_prepared,
@@ -57,6 +58,7 @@ from pages.common import (
     require_entrypoint,
     run_choice_label,
     run_store,
+    waiting_for_runs,
 )
 
 DISPLAY_SIZE = 224  # the overlays' size; models get their own input size
@@ -524,11 +526,12 @@ def main() -> None:
     store = run_store()
     runs = choose_runs(store, fresh_request)
     if not runs:
-        st.info("No trained runs yet. Train models first; the maps of all five appear here side by side.")
-        st.page_link("pages/train.py", label="Go to the Train page", icon=":material/model_training:")
+        waiting_for_runs()
         return
+    # Viewers explain the runs' test images only: a classroom server is no place for photos of students' own
+    # skin (the models are no diagnostic tool), and the quiz needs no upload.
     source = persistent(st.radio, "Image", "explain_source", "Test image", options=["Test image", "Upload"],
-                        horizontal=True)
+                        horizontal=True) if can_administer() else "Test image"
     chosen = browse_test_images(store, runs) if source == "Test image" else uploaded_image(runs)
     if chosen is None:
         return

@@ -20,6 +20,7 @@ from pages.common import (
     choose_model_runs,
     job_progress_and_stop,
     persistent,
+    require_admin_page,
     require_entrypoint,
     rerun_when_queue_changes,
     run_store,
@@ -122,7 +123,10 @@ def launch(store: RunStore, runs: list[dict]) -> None:
     if st.button("Predict", key="predict.start", type="primary", icon=":material/batch_prediction:",
                  disabled=not runs or not count):
         if background:
-            st.session_state[PREDICT_JOB] = queue_prediction(runs, uploads, paths)
+            job = queue_prediction(runs, uploads, paths)
+            if job is None:
+                return  # refused (queue limit): the reason is shown
+            st.session_state[PREDICT_JOB] = job
             st.session_state.pop(PREDICT_RESULT, None)
             st.toast("Queued: the prediction runs in the background queue (progress below).")
             st.rerun()
@@ -186,6 +190,7 @@ def show_result(result: PredictionResult) -> None:
 
 def main() -> None:
     require_entrypoint()
+    require_admin_page("Predict")
     st.title("Predict")
     st.caption("The stored runs on new images without labels: P(malignant), each run's decision at its own "
                "threshold, and a flag where an image is unlike the images the model was trained on.")

@@ -20,12 +20,16 @@ from pages.common import (
     PENDING_DELETE,
     SEEN_FINISHED,
     SPLIT_RATIOS,
+    allowed,
     apply_preset,
+    can_administer,
     current_config,
     current_data_spec,
     dataset_label,
+    delete_run,
     job_progress_and_stop,
     persistent,
+    queue_all_five,
     require_entrypoint,
     run_choice_label,
     run_store,
@@ -130,14 +134,14 @@ def imagenet_weights_note() -> tuple[bool, str | None]:
                    "initialisation. A local weights file (Advanced) can be used instead.")
 
 
-def launch_widgets() -> None:
-    queue = shared_job_queue()
+def launch_widgets(administer: bool) -> None:
+    """Start and Train all five; a viewer sees them disabled (and a forged click is refused by the queue)."""
     models = persistent(st.multiselect, "Models", "models", DEFAULT_MODELS, options=list(MODEL_NAMES),
-                        format_func=model_label)
+                        format_func=model_label, disabled=not administer)
     left, right, _ = st.columns([1, 1, 3])
-    start = left.button("Start", key="train.start", type="primary", disabled=not models,
+    start = left.button("Start", key="train.start", type="primary", disabled=not models or not administer,
                         icon=":material/play_arrow:")
-    all_five = right.button("Train all five", key="train.all", icon=":material/queue:")
+    all_five = right.button("Train all five", key="train.all", icon=":material/queue:", disabled=not administer)
     chosen = list(MODEL_NAMES) if all_five else models if start else []
     if chosen:
         try:
@@ -145,8 +149,10 @@ def launch_widgets() -> None:
         except ValueError as error:
             st.error(f"Cannot start: {error}")
             return
-        queue.submit(configs, current_data_spec(), group="Train all five" if all_five else "")
-        st.toast(f"Queued {len(configs)} run(s)", icon=":material/schedule:")
+        spec = current_data_spec()
+        queued = queue_all_five(spec) if all_five else shared_job_queue().submit(configs, spec)
+        if queued:
+            st.toast(f"Queued {len(queued)} run(s)", icon=":material/schedule:")
 
 
 def live_curves(job: Job):
@@ -174,7 +180,7 @@ def live_progress() -> None:
         show_contention_warning(current)
         if current.history:
             st.plotly_chart(live_curves(current), width="stretch", key="train.live_curves")
-        if st.button("Clear queue", key="train.clear", disabled=not snapshot.queued,
+        if st.button("Clear queue", key="train.clear", disabled=not snapshot.queued or not can_administer(),
                      help="Drops the jobs not started yet; the running one goes on."):
             st.toast(f"Removed {queue.clear_queue()} queued job(s)")
     show_queue(snapshot)
@@ -210,7 +216,8 @@ def show_contention_warning(job: Job) -> None:
 def show_queue(snapshot: QueueSnapshot) -> None:
     recent = [job for job in snapshot.jobs if job.active or (job.finished_at or 0) > time.time() - 3600]
     if not recent:
-        st.caption("Nothing is training. Choose models and press Start, or Train all five.")
+        st.caption("Nothing is training." + (" Choose models and press Start, or Train all five."
+                                             if can_administer() else ""))
         return
     rows = [{"Job": job.job_id, "Model": job.title, "State": job.state,
              "Run": job.run_id or "", "Problem": job.error or ""} for job in recent]
@@ -277,11 +284,13 @@ def resume_widgets(runs: list[dict]) -> None:
         choice = st.selectbox("Run", resumable, key="train.resume_choice", format_func=lambda run_id: (
             f"{run_choice_label(by_id[run_id])} · {by_id[run_id]['status']} after epoch "
             f"{len(by_id[run_id].get('history') or [])} of {(by_id[run_id].get('config') or {}).get('epochs', '?')}"))
-        if st.button("Resume", key="train.resume", icon=":material/play_arrow:"):
+        if st.button("Resume", key="train.resume", icon=":material/play_arrow:", disabled=not can_administer()):
             try:
-                shared_job_queue().submit_resume(choice)
+                queued = shared_job_queue().submit_resume(choice)
             except ResumeError as error:
                 st.error(str(error))
+                return
+            if queued is None:
                 return
             st.toast(f"Queued: resume {choice}")
             st.rerun()
@@ -295,20 +304,18 @@ def delete_widgets(store, runs: list[dict]) -> None:
         by_id = {run["run_id"]: run for run in runs}
         choice = st.selectbox("Run", deletable, key="train.delete_choice",
                               format_func=lambda run_id: run_choice_label(by_id[run_id]))
-        if st.button("Delete", key="train.delete", icon=":material/delete:"):
+        if st.button("Delete", key="train.delete", icon=":material/delete:", disabled=not can_administer()) \
+                and allowed("delete runs"):
             st.session_state[PENDING_DELETE] = choice
         pending = st.session_state.get(PENDING_DELETE)
         if pending:
             st.warning(f"Delete run {pending} and its checkpoint? This cannot be undone.")
             yes, no, _ = st.columns([1, 1, 4])
-            if yes.button("Yes, delete", key="train.delete_confirm", type="primary"):
+            if yes.button("Yes, delete", key="train.delete_confirm", type="primary", disabled=not can_administer()):
                 st.session_state[PENDING_DELETE] = None
-                try:
-                    store.delete(pending)
-                except (KeyError, OSError) as error:
-                    st.error(f"Could not delete {pending}: {error}")
-                    return
-                st.rerun()
+                if delete_run(store, pending):
+                    st.rerun()
+                return
             if no.button("Cancel", key="train.delete_cancel"):
                 st.session_state[PENDING_DELETE] = None
                 st.rerun()
@@ -318,9 +325,14 @@ def main() -> None:
     require_entrypoint()
     st.title("Train")
     spec = current_data_spec()
-    st.caption(f"Dataset: {dataset_label(spec)}. Change it on the Data page.")
-    hyperparameter_widgets()
-    launch_widgets()
+    administer = can_administer()
+    if administer:
+        st.caption(f"Dataset: {dataset_label(spec)}. Change it on the Data page.")
+        hyperparameter_widgets()
+    else:
+        st.info("Read-only: the teacher starts, stops and deletes runs. Progress and curves show here live.",
+                icon=":material/lock:")
+    launch_widgets(administer)
     live_progress()
     run_table()
 

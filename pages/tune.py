@@ -32,6 +32,7 @@ from pages.common import (
     job_progress_and_stop,
     persistent,
     prepared_for,
+    require_admin_page,
     require_entrypoint,
     rerun_when_queue_changes,
     run_choice_label,
@@ -54,7 +55,7 @@ def study_label(name: str) -> str:
     return f"Tune study {name}"
 
 
-def start_study(base: TrainConfig, trials: int, pruner: str, study_name: str, storage: str) -> None:
+def start_study(base: TrainConfig, trials: int, pruner: str, study_name: str, storage: str) -> int | None:
     store, spec = run_store(), current_data_spec()
 
     def task(stop, callback):
@@ -63,7 +64,7 @@ def start_study(base: TrainConfig, trials: int, pruner: str, study_name: str, st
                   on_step=callback.on_step)
         return ("stopped", "stopped by request") if stop.is_set() else ("completed", None)
 
-    shared_job_queue().submit_task(study_label(study_name), base, spec, task, kind="tune")
+    return shared_job_queue().submit_task(study_label(study_name), base, spec, task, kind="tune")
 
 
 def estimate_study(base: TrainConfig, trials: int) -> TimeEstimate | None:
@@ -99,7 +100,8 @@ def launch(base: TrainConfig, trials: int, pruner: str, study_name: str, storage
     blocker = start_blocker(shared_job_queue().snapshot(), study_name)
     if st.button("Start the study", key="tune.start", type="primary", icon=":material/tune:",
                  disabled=bool(blocker) or not confirmed, help=blocker or None):
-        start_study(base, trials, pruner, study_name, storage)
+        if start_study(base, trials, pruner, study_name, storage) is None:
+            return  # refused (queue limit): the reason is shown
         st.toast("Queued: trials run one after another in the background queue (see also the Train page).")
         st.rerun()  # draws Start disabled, now that the study runs
     if blocker:
@@ -134,8 +136,8 @@ def show_study(study: optuna.Study) -> None:
     if st.button("Train with best", key="tune.train_best", icon=":material/play_arrow:",
                  help="Queues a full run with the best parameters and the Train page's other settings."):
         config = dataclasses.replace(current_config(study.user_attrs.get("model", "hybrid_sresnet")), **best.params)
-        shared_job_queue().submit([config], current_data_spec(), group=f"best of {study.study_name}")
-        st.toast("Queued a run with the best parameters: see the Train page.")
+        if shared_job_queue().submit([config], current_data_spec(), group=f"best of {study.study_name}"):
+            st.toast("Queued a run with the best parameters: see the Train page.")
     left, right = st.columns(2)
     left.plotly_chart(optuna.visualization.plot_optimization_history(study, target_name="Validation AUC"),
                       width="stretch", key="tune.history")
@@ -185,6 +187,7 @@ def follow_model(model: str) -> None:
 
 def main() -> None:
     require_entrypoint()
+    require_admin_page("Tune")
     st.title("Tune")
     store = run_store()
     st.caption(f"Optuna over learning rate, weight decay and dropout on {dataset_label(current_data_spec())}, "

@@ -24,7 +24,8 @@ pytestmark = BROWSER_TEST
 def test_a_tiny_run_from_the_train_page_ends_in_the_run_table(dashboard, page):
     ARTIFACTS.mkdir(exist_ok=True)
     page.goto(dashboard)
-    page.get_by_role("heading", name="Data", level=1).wait_for(timeout=60_000)
+    page.get_by_role("heading", name="Start", level=1).wait_for(timeout=60_000)  # no runs: the first visit's page
+    page.get_by_role("button", name="Prepare the demo runs").wait_for(timeout=10_000)
     go_to(page, "Compare")
     page.get_by_text("Train models first").wait_for(timeout=30_000)
     page.get_by_role("link", name="Go to the Train page").wait_for(timeout=10_000)

@@ -34,6 +34,15 @@ ACTIVE_STATES = ("queued", "preparing", "running")
 JOB_KINDS = ("train", "tune", "ablation", "audit", "evaluate", "predict")
 
 _queues: dict[str, JobQueue] = {}
+
+
+class QueueLimitError(RuntimeError):
+    """An owner (a browser session) already has as many queued or running jobs as it may."""
+
+    def __init__(self, active: int, wanted: int, limit: int) -> None:
+        self.active, self.wanted, self.limit = active, wanted, limit
+        super().__init__(f"this session already has {active} job(s) queued or running and may have at most {limit}; "
+                         f"{wanted} more would exceed that. Wait for one to finish (the others keep running).")
 _queues_lock = threading.Lock()
 
 
@@ -85,6 +94,7 @@ class Job:
     started_at: float | None = None  # when the worker took the job (time.time())
     task_progress: TaskProgress | None = None  # a task's own steps, when it reports them instead of batches
     result: Any = None  # what a task handed back for the pages to show (an audit's results)
+    owner: str = ""  # who queued it (a browser session's id; empty from scripts): the per-owner limit counts it
 
     @property
     def active(self) -> bool:
@@ -185,6 +195,36 @@ class QueueSnapshot:
         return any(job.active for job in self.jobs)
 
 
+def batch_jobs(snapshot: QueueSnapshot, group: str) -> list[Job]:
+    """The jobs of the newest batch queued under `group` ("Train all five"), in their order; empty when
+    the queue remembers none."""
+    newest = max((job for job in snapshot.jobs if job.group == group and job.step is not None),
+                 key=lambda job: job.job_id, default=None)
+    if newest is None:
+        return []
+    first = newest.job_id - newest.step.number + 1  # a batch's jobs get consecutive ids under the lock
+    return [job for job in snapshot.jobs if job.group == group and first <= job.job_id < first + newest.step.total]
+
+
+def describe_batch(snapshot: QueueSnapshot, group: str) -> str | None:
+    """"2 of 5 done, ResNet50 epoch 3 of 5" while the newest `group` batch has a job queued or running;
+    None otherwise."""
+    jobs = batch_jobs(snapshot, group)
+    if not any(job.active for job in jobs):
+        return None
+    total = jobs[0].step.total
+    done = sum(not job.active for job in jobs)
+    text = f"{done} of {total} done"
+    current = next((job for job in jobs if job.state in ("preparing", "running")), None)
+    if current is not None:
+        name = get_model_spec(current.config.model).display_name
+        progress = current.progress
+        text += f", {name} epoch {progress.epoch} of {progress.epochs}" if progress else f", {name} starting"
+    elif snapshot.current is not None:
+        text += f", waiting behind {snapshot.current.title}"
+    return text
+
+
 class _JobCallback(TrainingCallback):
     """Copies the engine's progress into the job, under the queue's lock."""
 
@@ -253,18 +293,22 @@ class JobQueue:
         self._worker = threading.Thread(target=self._work, name="training-queue", daemon=True)
         self._worker.start()
 
-    def submit(self, configs: list[TrainConfig], data: DataSpec, group: str = "") -> list[int]:
+    def submit(self, configs: list[TrainConfig], data: DataSpec, group: str = "", owner: str = "",
+               limit: int | None = None) -> list[int]:
         """Queue one run per config on the same data; returns the job ids. `group` names the batch
-        ("Train all five") in each run's title, which also says "run 2 of 5"."""
+        ("Train all five") in each run's title, which also says "run 2 of 5". With a `limit`, the whole
+        batch is refused (QueueLimitError) when `owner` would have more than `limit` active jobs."""
         with self._lock:
-            jobs = [Job(next(self._ids), config, data, group=group, step=StepProgress("run", number, len(configs)))
-                    for number, config in enumerate(configs, start=1)]
+            self._admit(owner, len(configs), limit)
+            jobs = [Job(next(self._ids), config, data, group=group, step=StepProgress("run", number, len(configs)),
+                        owner=owner) for number, config in enumerate(configs, start=1)]
             self._jobs.extend(jobs)
             self._trim()
             self._wake.notify()
             return [job.job_id for job in jobs]
 
-    def submit_task(self, label: str, config: TrainConfig, data: DataSpec, task: Callable, kind: str = "tune") -> int:
+    def submit_task(self, label: str, config: TrainConfig, data: DataSpec, task: Callable, kind: str = "tune",
+                    owner: str = "", limit: int | None = None) -> int:
         """Queue a study (tuning, ablation) that trains several runs, or other long work (an audit); it
         waits its turn like a run, so two jobs never share the CPU. The task may report its runs through
         `callback.on_step`, or its own steps through `callback.on_progress(done, total, text)`, and hand
@@ -272,13 +316,14 @@ class JobQueue:
         if kind not in JOB_KINDS:
             raise ValueError(f"unknown job kind {kind!r} (choose from {', '.join(JOB_KINDS)})")
         with self._lock:
-            job = Job(next(self._ids), config, data, task=task, label=label, kind=kind)
+            self._admit(owner, 1, limit)
+            job = Job(next(self._ids), config, data, task=task, label=label, kind=kind, owner=owner)
             self._jobs.append(job)
             self._trim()
             self._wake.notify()
             return job.job_id
 
-    def submit_resume(self, run_id: str) -> int:
+    def submit_resume(self, run_id: str, owner: str = "", limit: int | None = None) -> int:
         """Queue the continuation of a stopped or failed run from its last finished epoch."""
         run = self.store.load(run_id)
         if run is None:
@@ -289,12 +334,29 @@ class JobQueue:
         with self._lock:
             if any(job.resume_run == run_id and job.active for job in self._jobs):
                 raise ResumeError(f"run {run_id} is already queued to resume")
+            self._admit(owner, 1, limit)
             job = Job(next(self._ids), TrainConfig.from_dict(run["config"]), spec, resume_run=run_id,
-                      label=f"resume {run_id}")
+                      label=f"resume {run_id}", owner=owner)
             self._jobs.append(job)
             self._trim()
             self._wake.notify()
             return job.job_id
+
+    def active_count(self, owner: str) -> int:
+        """Jobs of this owner queued or running."""
+        with self._lock:
+            return self._active_count(owner)
+
+    def _active_count(self, owner: str) -> int:
+        return sum(job.active and job.owner == owner for job in self._jobs)
+
+    def _admit(self, owner: str, wanted: int, limit: int | None) -> None:
+        # Under the queue's lock, so two reruns of one session cannot both pass the check.
+        if limit is None:
+            return
+        active = self._active_count(owner)
+        if active + wanted > limit:
+            raise QueueLimitError(active, wanted, limit)
 
     def stop_current(self) -> None:
         """End the running job cleanly after its current batch (status 'stopped', best checkpoint kept)."""
