@@ -45,7 +45,7 @@ from torch import nn
 from core.data.augment import normalise
 from core.data.datasets import PreparedData
 from core.data.images import decode_image
-from core.models import build_model, get_model_spec
+from core.models import build_model, cam_layer, get_model_spec
 
 logger = logging.getLogger(__name__)
 
@@ -100,6 +100,7 @@ class CamResult:
     probability: float  # P(malignant)
     target_class: int
     method: str
+    layer: str = ""  # the hooked layer and its map size, "layer3, 6×6" (core.models.CamLayer.describe)
 
     @property
     def predicted_class(self) -> int:
@@ -176,9 +177,13 @@ class CamExplainer:
     `precision` is the one the model's run evaluated in (run.json's environment): with 'bf16' the
     reported P(malignant), and the class a 'predicted' target explains, come from a bf16-autocast
     channels-last forward pass as in training's evaluation; the map itself is computed in fp32.
-    The explainer runs on its model's device (CPU or CUDA); images may come on any device."""
+    The explainer runs on its model's device (CPU or CUDA); images may come on any device.
 
-    def __init__(self, model: nn.Module, model_name: str, precision: str = "fp32") -> None:
+    `image_size` (the model's input size) picks the layer the maps hook (`core.models.cam_layer`): the last
+    stage, or the stage before it for small inputs; None keeps the last stage."""
+
+    def __init__(self, model: nn.Module, model_name: str, precision: str = "fp32",
+                 image_size: int | None = None) -> None:
         if precision not in PRECISIONS:
             raise ValueError(f"unknown precision {precision!r} (choose from {', '.join(PRECISIONS)})")
         self.model_name = model_name
@@ -187,7 +192,8 @@ class CamExplainer:
         self.device = next(self.model.parameters()).device
         for parameter in self.model.parameters():
             parameter.requires_grad_(False)
-        self.target_layer = get_model_spec(model_name).target_layer(self.model)
+        self.layer = cam_layer(get_model_spec(model_name), self.model, image_size)
+        self.target_layer = self.layer.module
         self.target_layer.register_forward_hook(self._gradient_leaf)
         self._lock = threading.Lock()
         self._method: str | None = None
@@ -228,7 +234,8 @@ class CamExplainer:
             if probability is None:
                 probability = float(torch.softmax(logits, 1)[0, 1])
             target_class = int(logits[0].argmax()) if target == "predicted" else int(target)
-            return CamResult(self.model_name, maps[0].astype(np.float32), probability, target_class, method)
+            return CamResult(self.model_name, maps[0].astype(np.float32), probability, target_class, method,
+                             self.layer.describe())
 
     def explain_batch(self, images: torch.Tensor, method: str, targets: list[int]) -> np.ndarray:
         """The maps of a batch of normalised images (N x 3 x H x W), each for its own target class, in one
@@ -311,7 +318,8 @@ def load_trained_model(run: dict, model_path: Path | str, device: str | torch.de
 
 def explainer_for_run(run: dict, model_path: Path | str, device: str | torch.device = "cpu") -> CamExplainer:
     """The explainer of a stored run: its best weights, and the precision its predictions were computed in."""
-    return CamExplainer(load_trained_model(run, model_path, device), run["model"], precision=run_precision(run))
+    return CamExplainer(load_trained_model(run, model_path, device), run["model"], precision=run_precision(run),
+                        image_size=run_image_size(run))
 
 
 def run_precision(run: dict) -> str:
@@ -504,6 +512,8 @@ def explanation_panels(explained: ExplainedImage, opacity: float = 0.5, colour_m
         heat = result.normalised(scale)
         called = "malignant" if result.predicted_class else "benign"
         subtitle = f"P(malignant) {result.probability:.3f} -> {called}"
+        if result.layer:
+            subtitle += f" | {result.layer}"
         if result.all_zero:
             subtitle += " | all-zero map"
         elif result.uniform:

@@ -1,4 +1,4 @@
-"""The one model registry: name -> builder, Grad-CAM target layer, display name, ImageNet weights.
+"""The one model registry: name -> builder, Grad-CAM target layers, display name, ImageNet weights.
 
 Nothing else in the project builds models. ImageNet weights come through torchvision's weights API
 and its cache (torch.hub); without a network they fall back to random initialisation with one
@@ -18,6 +18,10 @@ from torch import nn
 from torchvision import models as tv
 
 NUM_CLASSES = 2
+# Below this input size the last stage's map (stride 32) is 3 x 3 or smaller: each cell covers a ninth of the
+# image and sees all of it, so its maps cannot point at a lesion. CAMs then hook the stage before (stride 16,
+# 6 x 6 at the demo's 96 px), which still sees whole lesions; docs/PERFORMANCE.md has the measurements.
+SMALL_INPUT_SIZE = 128
 
 
 @dataclass(frozen=True)
@@ -25,12 +29,16 @@ class ModelSpec:
     name: str
     display_name: str
     build: Callable[[float], nn.Module]  # dropout -> a randomly initialised two-class model
-    target_layer: Callable[[nn.Module], nn.Module]  # the layer Grad-CAM hooks
+    target_layer: Callable[[nn.Module], nn.Module]  # the layer CAMs hook: the last stage (stride 32)
     imagenet_weights: tv.WeightsEnum
     load_imagenet: Callable[[nn.Module, dict], None]  # puts an ImageNet state_dict into the model
     # The model's parameterised parts from the output down (head, last stage, ..., stem), each named:
     # the order in which the audit's cascading randomisation re-initialises them.
     parameter_stages: Callable[[nn.Module], list[tuple[str, list[nn.Module]]]]
+    # The stage before the last (stride 16): the layer CAMs hook for inputs under SMALL_INPUT_SIZE.
+    small_input_layer: Callable[[nn.Module], nn.Module]
+    # How a reader finds the two layers in the model's code: (target_layer, small_input_layer).
+    layer_names: tuple[str, str]
 
 
 MODEL_REGISTRY: dict[str, ModelSpec] = {}
@@ -39,6 +47,47 @@ MODEL_REGISTRY: dict[str, ModelSpec] = {}
 def register_model(spec: ModelSpec) -> ModelSpec:
     MODEL_REGISTRY[spec.name] = spec
     return spec
+
+
+@dataclass(frozen=True)
+class CamLayer:
+    """The layer a model's CAMs hook for one input size, and how the page names it."""
+
+    module: nn.Module
+    name: str  # e.g. "layer3"
+    stride: int  # input pixels per map pixel
+    map_size: int  # the map's side at this input size
+
+    def describe(self) -> str:
+        return f"{self.name}, {self.map_size}×{self.map_size}" if self.map_size else self.name
+
+
+def uses_small_input_layer(image_size: int | None) -> bool:
+    return image_size is not None and image_size < SMALL_INPUT_SIZE
+
+
+def cam_layer_name(spec: ModelSpec, image_size: int | None = None) -> str:
+    """The name of the layer CAMs hook for inputs of `image_size` px (see `cam_layer`)."""
+    return spec.layer_names[1] if uses_small_input_layer(image_size) else spec.layer_names[0]
+
+
+def small_input_note(image_size: int) -> str:
+    """Why the maps of a model trained at `image_size` px hook the stage before the last ('' when they do not)."""
+    if not uses_small_input_layer(image_size):
+        return ""
+    last, before = -(-image_size // 32), -(-image_size // 16)
+    return (f"At {image_size} px the last stage's map is only {last}×{last}: each cell sees the whole image, so it "
+            f"cannot point at a lesion. Below {SMALL_INPUT_SIZE} px the maps hook the stage before it "
+            f"({before}×{before}); from {SMALL_INPUT_SIZE} px on, the last stage, as in the paper.")
+
+
+def cam_layer(spec: ModelSpec, model: nn.Module, image_size: int | None = None) -> CamLayer:
+    """The layer CAMs of `model` hook for inputs of `image_size` px: the last stage, or the stage before it
+    below SMALL_INPUT_SIZE (None: the last stage, whatever the size)."""
+    name = cam_layer_name(spec, image_size)
+    if uses_small_input_layer(image_size):
+        return CamLayer(spec.small_input_layer(model), name, 16, -(-image_size // 16))
+    return CamLayer(spec.target_layer(model), name, 32, -(-image_size // 32) if image_size is not None else 0)
 
 
 def get_model_spec(name: str) -> ModelSpec:
@@ -147,22 +196,27 @@ def _efficientnet_stages(model: nn.Module) -> list[tuple[str, list[nn.Module]]]:
 register_model(ModelSpec(
     "resnet18", "ResNet18", _build_resnet(tv.resnet18), lambda m: m.layer4[-1],
     tv.ResNet18_Weights.IMAGENET1K_V1, _load_without(("fc.",)), _resnet_stages,
+    lambda m: m.layer3[-1], ("layer4", "layer3"),
 ))
 register_model(ModelSpec(
     "resnet50", "ResNet50", _build_resnet(tv.resnet50), lambda m: m.layer4[-1],
     tv.ResNet50_Weights.IMAGENET1K_V2, _load_without(("fc.",)), _resnet_stages,
+    lambda m: m.layer3[-1], ("layer4", "layer3"),
 ))
 register_model(ModelSpec(
     "densenet121", "DenseNet121", lambda dropout: DenseNet121(), lambda m: m.final_relu,
     tv.DenseNet121_Weights.IMAGENET1K_V1, _load_without(("classifier.",), _densenet_key), _densenet_stages,
+    lambda m: m.features.denseblock3, ("final_relu", "features.denseblock3"),
 ))
 register_model(ModelSpec(
     "efficientnet_b0", "EfficientNetB0", _build_efficientnet_b0, lambda m: m.features[-1],
     tv.EfficientNet_B0_Weights.IMAGENET1K_V1, _load_without(("classifier.",)), _efficientnet_stages,
+    lambda m: m.features[5], ("features[8]", "features[5]"),
 ))
 register_model(ModelSpec(
     "hybrid_sresnet", "Hybrid S-ResNet", HybridSResNet, lambda m: m.backbone.layer4[-1],
     tv.ResNet18_Weights.IMAGENET1K_V1, _load_without(("fc.",), lambda key: f"backbone.{key}"), _hybrid_stages,
+    lambda m: m.backbone.layer3[-1], ("backbone.layer4", "backbone.layer3"),
 ))
 
 

@@ -41,7 +41,7 @@ from core.evaluation.compare import default_comparison_runs
 from core.evaluation.ood import describe_score
 from core.evaluation.predict import score_images
 from core.figures import colour_bar_figure, labelled_grid, localisation_bars_figure, pairwise_matrix_figure
-from core.models import get_model_spec
+from core.models import get_model_spec, small_input_note
 from core.runs import RunStore, is_ordinary_run
 from core.training.jobs import BackgroundTask
 from pages.common import (
@@ -343,6 +343,9 @@ def show_row(explained: ExplainedImage, settings: dict, notes: list[str],
         column.image(images[1], width="stretch")
     st.caption("Above: contours at 25/50/75% of each map" + (", lesion outline in green" if settings["show_mask"]
                                                              else "") + ".")
+    for size in sorted({image.shape[0] for image in explained.inputs or []}):
+        if small_input_note(size):
+            st.caption(small_input_note(size))
     verdicts = verdicts or [None] * count
     method_name = CAM_METHODS[settings["method"]].display_name
     for column, result, note, verdict in zip(st.columns(count), explained.results, notes, verdicts):

@@ -237,3 +237,17 @@ def test_road_joins_faithfulness_when_asked(tiny_runs):
     summary = audit.report["faithfulness"][runs[0]["run_id"]]["gradcam"]
     assert {"road", "road_low", "road_high", "deletion", "insertion", "rank"} <= set(summary)
     assert all(-1 <= row["road"] <= 1 for row in audit.records[0]["per_image"])
+
+
+def test_a_stored_result_is_keyed_by_the_layer_its_maps_hook():
+    """A run trained under the small-input size hooks another layer than one at 224 px: results stored before
+    the registry chose that layer must not be reused for it."""
+    from types import SimpleNamespace
+
+    from core.audit.runner import AuditSettings, _check_settings
+
+    settings, inputs = AuditSettings(), SimpleNamespace(masks_source="synthetic")
+    for check in ("randomisation", "artefacts", "localisation", "faithfulness"):
+        small = _check_settings(check, settings, inputs, {"model": "resnet18", "config": {"image_size": 96}})
+        large = _check_settings(check, settings, inputs, {"model": "resnet18", "config": {"image_size": 224}})
+        assert (small["layer"], large["layer"]) == ("layer3", "layer4")

@@ -26,7 +26,7 @@ from core.cams import (
 )
 from core.cli import main
 from core.data.datasets import prepare_data
-from core.models import MODEL_REGISTRY, build_model
+from core.models import MODEL_REGISTRY, SMALL_INPUT_SIZE, build_model, small_input_note
 from core.training.loop import run_training
 from tests.conftest import TINY_CONFIG, TINY_SYNTHETIC, write_crafted_pickle
 
@@ -119,6 +119,19 @@ def trained(tmp_path_factory):
     return store, run, data
 
 
+def test_a_run_explainer_hooks_the_layer_for_its_image_size(trained):
+    from core.cams import explainer_for_run, load_trained_model
+
+    store, run, data = trained
+    explainer = explainer_for_run(run, store.model_path(run["run_id"]))
+    spec = MODEL_REGISTRY["hybrid_sresnet"]
+    assert explainer.target_layer is spec.small_input_layer(explainer.model), "96 px: the stage before the last"
+    result = explainer.explain(image_tensor(data.images[data.indices("test")[0]]), "gradcam", target=1)
+    assert result.layer == "backbone.layer3, 6×6"
+    unsized = CamExplainer(load_trained_model(run, store.model_path(run["run_id"])), "hybrid_sresnet")
+    assert unsized.target_layer is spec.target_layer(unsized.model), "no size given: the last stage, as before"
+
+
 def test_a_trained_model_looks_at_the_lesion_more_than_a_random_map(trained):
     from core.cams import load_trained_model
 
@@ -192,6 +205,9 @@ def test_explain_page_shows_the_row_and_measures(trained, monkeypatch):
     assert len(app.get("plotly_chart")) == 3, "the colour bar and the agreement matrices"
     assert app.toggle(key="widget.cam_show_mask").value, "the lesion outline is on by default where masks exist"
     assert "Localisation" in [header.value for header in app.subheader]
+    size = run["config"]["image_size"]
+    assert size < SMALL_INPUT_SIZE and small_input_note(size) in [caption.value for caption in app.caption], \
+        "a small model's maps say which layer they hook, and why"
     app.selectbox(key="explain.browse").set_value("Wrong").run()
     assert not app.exception
     app.selectbox(key="widget.cam_method").set_value("eigencam").run()

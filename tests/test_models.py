@@ -9,9 +9,11 @@ from torchvision import models as tv
 import core.models
 from core.models import (
     MODEL_REGISTRY,
+    SMALL_INPUT_SIZE,
     HybridSResNet,
     build_model,
     cached_imagenet_path,
+    cam_layer,
     get_model_spec,
     pretrained_weights_available,
     weights_download_possible,
@@ -29,6 +31,26 @@ def test_every_model_gives_two_logits_and_a_grad_cam_layer(name):
     target = get_model_spec(name).target_layer(model)
     assert any(module is target for module in model.modules())
     assert get_model_spec(name).display_name
+
+
+@pytest.mark.parametrize("name", list(MODEL_REGISTRY))
+@pytest.mark.parametrize("size", [64, 96, SMALL_INPUT_SIZE, 224])
+def test_the_cam_layer_gives_the_map_size_it_names(name, size):
+    """Below SMALL_INPUT_SIZE the maps hook the stride-16 stage before the last; the registry's name, stride and
+    map size agree with the module's actual output."""
+    model, _ = build_model(name, pretrained=False)
+    layer = cam_layer(get_model_spec(name), model.eval(), size)
+    outputs = []
+    handle = layer.module.register_forward_hook(lambda module, inputs, output: outputs.append(output.shape))
+    with torch.no_grad():
+        model(torch.randn(1, 3, size, size))
+    handle.remove()
+    small = size < SMALL_INPUT_SIZE
+    assert layer.stride == (16 if small else 32)
+    assert layer.name == get_model_spec(name).layer_names[0 if not small else 1]
+    assert tuple(outputs[0][2:]) == (layer.map_size, layer.map_size) == (-(-size // layer.stride),) * 2
+    if not small:
+        assert layer.module is get_model_spec(name).target_layer(model)
 
 
 def test_hybrid_sresnet_is_the_papers_architecture():

@@ -82,7 +82,7 @@ def randomisation_check(model: nn.Module, model_name: str, images: np.ndarray, m
     """The cascading randomisation of one trained model for one method on N images (uint8 at the model's
     input size). Maps explain the malignant class. Returns the summary per step, the other-class check,
     whether the method fails, and the per-image rows."""
-    explainer = CamExplainer(model, model_name)
+    explainer = CamExplainer(model, model_name, image_size=images.shape[1])
     originals = original_maps if original_maps is not None else compute_maps(explainer, images, method, 1)
     other_class = similarity_rows(originals, compute_maps(explainer, images, method, 0))
     randomised = copy.deepcopy(model).float().eval()
@@ -98,7 +98,8 @@ def randomisation_check(model: nn.Module, model_name: str, images: np.ndarray, m
         layers = " + ".join(name for name, _ in stages[:cut])
         randomised_share = sum(p.numel() for _, modules in stages[:cut] for m in modules
                                for p in m.parameters()) / total_parameters
-        rows = similarity_rows(originals, compute_maps(CamExplainer(randomised, model_name), images, method, 1))
+        randomised_explainer = CamExplainer(randomised, model_name, image_size=images.shape[1])
+        rows = similarity_rows(originals, compute_maps(randomised_explainer, images, method, 1))
         step_summaries.append({"step": number, "randomised": layers, "stages": cut,
                                "parameter_share": randomised_share, **summarise(rows, seed)})
         per_image += [{"step": number, "image": index, **row} for index, row in enumerate(rows)]

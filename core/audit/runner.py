@@ -21,10 +21,11 @@ from core.audit.localisation import load_masks, localisation_measures
 from core.audit.maps import AUDIT_METHODS, compute_maps, predict
 from core.audit.randomisation import DEFAULT_STEPS, randomisation_check
 from core.audit.shortcuts import artefact_test
-from core.cams import CamExplainer, load_trained_model, run_precision
+from core.cams import CamExplainer, load_trained_model, run_image_size, run_precision
 from core.config import DataSpec, TrainConfig
 from core.data.datasets import PreparedData, check_allowed, prepare_data
 from core.evaluation.stats import mean_interval
+from core.models import cam_layer_name, get_model_spec
 from core.runs import RunStore
 
 CHECKS = ("randomisation", "artefacts", "localisation", "faithfulness")
@@ -207,7 +208,8 @@ class _LazyModel:
     @property
     def explainer(self) -> CamExplainer:
         if self._explainer is None:
-            self._explainer = CamExplainer(self.model, self.run["model"], precision=run_precision(self.run))
+            self._explainer = CamExplainer(self.model, self.run["model"], precision=run_precision(self.run),
+                                           image_size=run_image_size(self.run))
         return self._explainer
 
 
@@ -272,15 +274,17 @@ def _check_image_ids(check: str, inputs: _RunInputs) -> list[str]:
 
 
 def _check_settings(check: str, settings: AuditSettings, inputs: _RunInputs, run: dict) -> dict:
-    """The settings a check's result depends on beyond method, images and seed (part of its key)."""
+    """The settings a check's result depends on beyond method, images and seed (part of its key), including the
+    layer the maps hook (a result computed on another layer is not reused)."""
+    layer = {"layer": cam_layer_name(get_model_spec(run["model"]), run_image_size(run))}
     if check == "randomisation":
-        return {"steps": settings.steps}
+        return {"steps": settings.steps, **layer}
     if check == "artefacts":
         return {"artefacts": list(settings.artefacts), "threshold": _run_threshold(run),
-                "masks": inputs.masks_source}
+                "masks": inputs.masks_source, **layer}
     if check == "localisation":
-        return {"top_share": settings.top_share, "masks": inputs.masks_source}
-    return {"baseline": settings.baseline, "road": settings.road}
+        return {"top_share": settings.top_share, "masks": inputs.masks_source, **layer}
+    return {"baseline": settings.baseline, "road": settings.road, **layer}
 
 
 def _run_threshold(run: dict) -> float:
