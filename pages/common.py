@@ -10,6 +10,7 @@ import uuid
 import streamlit as st
 
 from core import access
+from core.cams import CamExplainer, explainer_for_run
 from core.config import MODEL_NAMES, PRESETS, DataSpec, TrainConfig
 from core.data.datasets import PreparedData, prepare_data
 from core.evaluation.ood import OodDetector, ood_detector
@@ -463,3 +464,26 @@ def waiting_for_runs() -> None:
     st.page_link("pages/start.py", label="Go to the Start page", icon=":material/flag:")
     if can_administer():
         st.page_link("pages/train.py", label="Go to the Train page", icon=":material/model_training:")
+
+
+@st.cache_resource(max_entries=10, show_spinner="Loading the model ...")
+def cached_explainer(runs_dir: str, run_id: str, model_version: float) -> CamExplainer:
+    """One explainer per run for the whole server: models are loaded once (Streamlit computes a missing
+    entry once even when many sessions ask at the same moment); the explainer's lock keeps sessions that
+    use it at the same time apart. `model_version` (model.pt's mtime) reloads a resumed run's model."""
+    store = RunStore(runs_dir)
+    return explainer_for_run(store.load(run_id), store.model_path(run_id))
+
+
+def model_version(store: RunStore, run_id: str) -> float:
+    return store.model_path(run_id).stat().st_mtime
+
+
+def run_data(store: RunStore, run: dict) -> PreparedData:
+    """The run's dataset prepared as the run prepared it (its image size, split and subset): the pixels its
+    predictions.csv was computed from. Runs that do not record their dataset get the Data page's."""
+    config = TrainConfig.from_dict(run.get("config") or {})
+    recorded = (run.get("dataset") or {}).get("spec")
+    spec = DataSpec(**recorded) if recorded else current_data_spec()
+    return load_prepared(spec, config.image_size, config.split, config.val_fraction, config.seed, config.max_images,
+                         str(store.cache_dir), config.group_near_duplicates)

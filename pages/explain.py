@@ -25,7 +25,6 @@ from core.cams import (
     decoded_inputs,
     energy_inside,
     explain_inputs,
-    explainer_for_run,
     explanation_panels,
     pointing_game_hit,
     resize_image,
@@ -34,7 +33,7 @@ from core.cams import (
     run_model_input,
     shared_scale_maximum,
 )
-from core.config import DataSpec, TrainConfig
+from core.config import DataSpec
 from core.data.datasets import DatasetError, PreparedData
 from core.data.images import ImageError, decode_image
 from core.evaluation.compare import default_comparison_runs
@@ -49,14 +48,16 @@ from pages.common import (
     EXPLAIN_REQUEST,
     FROM_COMPARE,
     VALUE_PREFIX,
+    cached_explainer,
     cached_ood_detector,
     can_administer,
     current_data_spec,
     dataset_label,
-    load_prepared,
+    model_version,
     persistent,
     require_entrypoint,
     run_choice_label,
+    run_data,
     run_store,
     waiting_for_runs,
 )
@@ -81,19 +82,6 @@ class ChosenImage:
     mask: np.ndarray | None  # lesion mask at display size
     inputs: list[np.ndarray]  # per run: uint8 at the run's image size
     notes: list[str]  # per run: why its input is not its own stored test image ('' when it is)
-
-
-@st.cache_resource(max_entries=10, show_spinner="Loading the model ...")
-def cached_explainer(runs_dir: str, run_id: str, model_version: float) -> CamExplainer:
-    """One explainer per run for the whole server: models are loaded once (Streamlit computes a missing
-    entry once even when many sessions ask at the same moment); the explainer's lock keeps sessions that
-    use it at the same time apart. `model_version` (model.pt's mtime) reloads a resumed run's model."""
-    store = RunStore(runs_dir)
-    return explainer_for_run(store.load(run_id), store.model_path(run_id))
-
-
-def model_version(store: RunStore, run_id: str) -> float:
-    return store.model_path(run_id).stat().st_mtime
 
 
 def take_compare_request() -> bool:
@@ -159,16 +147,6 @@ def which_runs_line(runs: list[dict], is_default: bool, is_requested: bool, on_d
     else:
         why = "The runs chosen above"
     return f"{why}. Test images come from the first, {run_choice_label(runs[0])}."
-
-
-def run_data(store: RunStore, run: dict) -> PreparedData:
-    """The run's dataset prepared as the run prepared it (its image size, split and subset): the pixels its
-    predictions.csv was computed from. Runs that do not record their dataset get the Data page's."""
-    config = TrainConfig.from_dict(run.get("config") or {})
-    recorded = (run.get("dataset") or {}).get("spec")
-    spec = DataSpec(**recorded) if recorded else current_data_spec()
-    return load_prepared(spec, config.image_size, config.split, config.val_fraction, config.seed, config.max_images,
-                         str(store.cache_dir), config.group_near_duplicates)
 
 
 def reference_data(store: RunStore, reference: dict) -> PreparedData | None:

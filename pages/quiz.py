@@ -15,13 +15,12 @@ from core.cams import (
     CamExplainer,
     ExplainedImage,
     explain_inputs,
-    explainer_for_run,
     explanation_panels,
     resize_image,
     resize_mask,
     run_model_input,
 )
-from core.config import DataSpec, TrainConfig
+from core.config import DataSpec
 from core.data.datasets import DatasetError, PreparedData
 from core.evaluation.compare import default_comparison_runs
 from core.figures import marks_overlay, quiz_answerers_figure
@@ -45,11 +44,12 @@ from pages.common import (
     QUIZ_REVEAL,
     QUIZ_SEEN_CLICK,
     QUIZ_TOKEN,
+    cached_explainer,
     can_administer,
     dataset_label,
-    load_prepared,
     require_entrypoint,
     run_choice_label,
+    run_data,
     run_store,
     runs_with_models,
     waiting_for_runs,
@@ -74,13 +74,6 @@ class QuizImage:
     inputs: list[np.ndarray]  # per run: its own prepared pixels at its image size
 
 
-@st.cache_resource(max_entries=10, show_spinner="Loading the model ...")
-def cached_explainer(runs_dir: str, run_id: str, model_version: float) -> CamExplainer:
-    """One explainer per run for the whole server (as on the Explain page); its lock keeps sessions apart."""
-    store = RunStore(runs_dir)
-    return explainer_for_run(store.load(run_id), store.model_path(run_id))
-
-
 @st.cache_data(max_entries=32, show_spinner="Grad-CAM of the five models ...")
 def model_maps(run_ids: tuple[str, ...], versions: tuple[float, ...], image_id: str, _explainers: list[CamExplainer],
                _inputs: list[np.ndarray], _display: np.ndarray, _mask: np.ndarray | None) -> ExplainedImage:
@@ -97,14 +90,6 @@ def quiz_runs(store: RunStore) -> list[dict]:
     if not ordinary:
         return []
     return default_comparison_runs(runs, (ordinary[0].get("dataset") or {}).get("fingerprint"))
-
-
-def run_data(store: RunStore, run: dict) -> PreparedData:
-    """The run's dataset prepared as the run prepared it (the Explain page's way)."""
-    config = TrainConfig.from_dict(run.get("config") or {})
-    spec = DataSpec(**(run.get("dataset") or {}).get("spec") or {})
-    return load_prepared(spec, config.image_size, config.split, config.val_fraction, config.seed, config.max_images,
-                         str(store.cache_dir), config.group_near_duplicates)
 
 
 def run_threshold(run: dict) -> float:
