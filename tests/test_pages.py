@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from pages.common import DATA_SPEC, VALUE_PREFIX
+from pages.common import DATA_SPEC, SEEN_FINISHED, VALUE_PREFIX
 from tests.conftest import TINY_SYNTHETIC
 
 APP = str(Path(__file__).resolve().parents[1] / "streamlit_app.py")
@@ -80,7 +80,10 @@ def test_a_tiny_run_started_on_the_train_page_lands_in_the_run_table(app):
         app.run()
         assert not app.exception
         tables = [frame.value for frame in app.dataframe if "Test AUC" in frame.value.columns]
-        if tables and (tables[0]["Status"] == "completed").any():
+        # The run's row says completed a moment before the queue lets go of the job; until the page has
+        # drawn an idle queue, its polling fragment may rerun the app and swallow the Delete click below.
+        queue_idle = app.session_state[SEEN_FINISHED][1] is None
+        if tables and (tables[0]["Status"] == "completed").any() and queue_idle:
             break
         assert time.monotonic() < deadline, "the run did not finish"
         time.sleep(0.5)
