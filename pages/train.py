@@ -248,11 +248,12 @@ def run_table() -> None:
     st.subheader("Runs")
     store = run_store()
     runs = store.list_runs()
+    where = f" in {store.root}/" if can_administer() else ""  # a class need not see the server's folders
     if not runs:
-        st.caption(f"No runs in {store.root}/ yet.")
+        st.caption(f"No runs{where} yet.")
         return
     statuses = pd.Series([run.get("status") for run in runs]).value_counts()
-    st.caption(f"{len(runs)} run(s) in {store.root}/: " + ", ".join(f"{count} {status}" for status, count in
+    st.caption(f"{len(runs)} run(s){where}: " + ", ".join(f"{count} {status}" for status, count in
                                                                    statuses.items()))
     # A running run has no metrics yet: "—" instead of Streamlit's "None" for the empty cells.
     st.dataframe(run_rows(runs), hide_index=True, width="stretch", key="train.run_table", placeholder="—",
