@@ -1,11 +1,17 @@
-"""Benchmark: training throughput of the engine vs the plain PyTorch pipeline such papers use.
+"""Benchmark: training throughput of the engine vs the plain PyTorch pipeline such papers use, and vs timm's
+data path (the strongest peer a speed-minded user would pick), with each step's share of the CPU's peak.
 
 Reference pipeline: torchvision ImageFolder over JPEG files, PIL transforms (Resize, RandomHorizontalFlip,
 RandomRotation, ColorJitter, ToTensor, Normalize), a DataLoader with 2 workers, fp32, NCHW, AdamW.
+timm peer: `timm.data.create_loader` over the same JPEGs (its own training augmentation, uint8 fast collate,
+its prefetcher normalising on the device, 2 workers), channels_last, and bf16 autocast where the engine's plan
+uses bf16; AdamW. timm is a benchmark-only dependency: `pip install timm` (the column is left out without it).
 Engine: images decoded once into the uint8 cache, augmentation on tensors, precision and memory format
 chosen per model by timing (bf16 + channels_last where faster). Same JPEGs (real ISIC 2017 images when
 ../shared/data/isic2017 exists, else synthetic ones written as JPEG), same batch size, same models,
-measured in one process, one after the other. Prints images/s and the ratio per model and size.
+measured in one process, one after the other. Prints images/s and the engine's ratio against both peers per
+model and size, the FLOPs of one training step per image (torch.utils.flop_counter), the GFLOP/s the engine
+reaches and their share of the CPU's peak for the engine's precision (how the peak is computed: bench/flops.py).
 
     python bench/throughput.py [--sizes 128 224] [--steps 6] [--images 256] [--device auto|cpu|cuda]
 
@@ -29,13 +35,14 @@ from torchvision import datasets, transforms
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from bench.flops import cpu_peak, training_step_flops  # noqa: E402
 from core.config import DataSpec, TrainConfig  # noqa: E402
 from core.data.augment import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 from core.data.datasets import prepare_data  # noqa: E402
 from core.environment import device_name, select_device  # noqa: E402
 from core.models import MODEL_REGISTRY, build_model  # noqa: E402
 from core.training.batches import TensorData, prepare_batch  # noqa: E402
-from core.training.precision import choose_execution_plan  # noqa: E402
+from core.training.precision import ExecutionPlan, choose_execution_plan  # noqa: E402
 
 ISIC = ROOT.parent / "shared" / "data" / "isic2017"
 
@@ -80,6 +87,17 @@ def reference_loader(folder: Path, size: int, batch: int, augment: bool) -> torc
                                        batch_size=batch, shuffle=augment, num_workers=2, drop_last=augment)
 
 
+def endless(loader):
+    """A loader's batches, epoch after epoch."""
+    while True:
+        empty = True
+        for batch in loader:
+            empty = False
+            yield batch
+        if empty:
+            raise ValueError("fewer images than one batch: raise --images or lower --batch-size")
+
+
 def reference_images_per_second(name: str, folder: Path, size: int, batch: int, steps: int,
                                 device: torch.device) -> float:
     loader = reference_loader(folder, size, batch, augment=True)
@@ -87,15 +105,10 @@ def reference_images_per_second(name: str, folder: Path, size: int, batch: int, 
     model.to(device).train()
     optimiser = torch.optim.AdamW(model.parameters(), lr=1e-3)
     criterion = nn.CrossEntropyLoss(label_smoothing=0.1)
-    batches = iter(loader)
+    batches = endless(loader)
 
     def step() -> None:
-        nonlocal batches
-        try:
-            images, labels = next(batches)
-        except StopIteration:
-            batches = iter(loader)
-            images, labels = next(batches)
+        images, labels = next(batches)
         loss = criterion(model(images.to(device)), labels.to(device))
         optimiser.zero_grad()
         loss.backward()
@@ -106,7 +119,7 @@ def reference_images_per_second(name: str, folder: Path, size: int, batch: int, 
 
 
 def engine_images_per_second(name: str, data, size: int, batch: int, steps: int, cache_dir: Path,
-                             device: torch.device) -> tuple[float, str]:
+                             device: torch.device) -> tuple[float, ExecutionPlan]:
     config = TrainConfig(model=name, image_size=size, batch_size=batch, pretrained=False)
     model, _ = build_model(name, pretrained=False)
     plan = choose_execution_plan(model, config, device, cache_dir)
@@ -126,7 +139,44 @@ def engine_images_per_second(name: str, data, size: int, batch: int, steps: int,
         optimiser.step()
         loss.item()
 
-    return batch / median_step_seconds(step, steps), plan.name
+    return batch / median_step_seconds(step, steps), plan
+
+
+def timm_images_per_second(name: str, folder: Path, size: int, batch: int, steps: int, device: torch.device,
+                           precision: str) -> float:
+    """timm's training data path (create_loader with its prefetcher) feeding the same model, channels_last,
+    in `precision` (the engine's plan's, so the two differ only in how data arrives)."""
+    from timm.data import create_dataset, create_loader
+
+    dataset = create_dataset("", root=str(folder), is_training=True)
+    loader = create_loader(dataset, input_size=(3, size, size), batch_size=batch, is_training=True,
+                           mean=IMAGENET_MEAN, std=IMAGENET_STD, num_workers=2, device=device,
+                           use_prefetcher=True, persistent_workers=True)
+    model, _ = build_model(name, pretrained=False)
+    model.to(device, memory_format=torch.channels_last).train()
+    optimiser = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    criterion = nn.CrossEntropyLoss(label_smoothing=0.1)
+    autocast = ExecutionPlan(device, precision).autocast
+    batches = endless(loader)
+
+    def step() -> None:
+        images, labels = next(batches)
+        with autocast():
+            loss = criterion(model(images.contiguous(memory_format=torch.channels_last)).float(), labels)
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+        loss.item()
+
+    return batch / median_step_seconds(step, steps)
+
+
+def timm_available() -> bool:
+    try:
+        import timm.data  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def main() -> int:
@@ -144,7 +194,14 @@ def main() -> int:
         source = make_image_folder(folder, args.images)
         print(f"{device_name(device)} ({device.type}), {torch.get_num_threads()} threads, torch {torch.__version__}, "
               f"batch {args.batch_size}, median of {args.steps} steps after 2 warm-up steps, {source}")
-        print(f"{'model':<16} {'size':>4} {'reference img/s':>16} {'engine img/s':>13} {'ratio':>6}  engine plan")
+        peak = cpu_peak() if device.type == "cpu" else None
+        if peak is not None:
+            print(f"peak: {peak.describe()}")
+        with_timm = timm_available()
+        if not with_timm:
+            print("timm is not installed (pip install timm): its column is left out")
+        print(f"{'model':<16} {'size':>4} {'plain img/s':>11} {'timm img/s':>10} {'engine img/s':>12} {'vs plain':>8} "
+              f"{'vs timm':>7}  {'engine plan':<20} {'GFLOP/img':>9} {'GFLOP/s':>8} {'of peak':>7}")
         for size in args.sizes:
             data = prepare_data(DataSpec(source=str(folder), format="imagefolder"),
                                 TrainConfig(image_size=size, split="80:20"), Path(temporary) / "cache")
@@ -152,7 +209,14 @@ def main() -> int:
                 reference = reference_images_per_second(name, folder, size, args.batch_size, args.steps, device)
                 engine, plan = engine_images_per_second(name, data, size, args.batch_size, args.steps,
                                                         Path(temporary) / "cache", device)
-                print(f"{name:<16} {size:>4} {reference:>16.1f} {engine:>13.1f} {engine / reference:>5.1f}x  {plan}",
+                timm = (timm_images_per_second(name, folder, size, args.batch_size, args.steps, device, plan.precision)
+                        if with_timm else float("nan"))
+                per_image = training_step_flops(build_model(name, pretrained=False)[0], size, 2) / 2 / 1e9
+                achieved = per_image * engine
+                share = f"{achieved / peak.gflops(plan.precision):>6.1%}" if peak is not None else "     -"
+                print(f"{name:<16} {size:>4} {reference:>11.1f} {timm:>10.1f} {engine:>12.1f} "
+                      f"{engine / reference:>7.2f}x {engine / timm:>6.2f}x  {plan.name:<20} {per_image:>9.2f} "
+                      f"{achieved:>8.1f} {share:>7}",
                       flush=True)
     return 0
 

@@ -1,0 +1,164 @@
+"""Benchmark: the speed levers issue 16 names, each measured against the engine's eager step on this machine.
+
+- torch.compile of the model (default mode, and max-autotune-no-cudagraphs), and of the forward pass with
+  its loss: the first step (the compile) and the steady step;
+- batch size 16, 32 and 64;
+- intra-op threads (1 against all), and the training step run on a worker thread after the main thread
+  has used OpenMP (how the dashboard trains: libgomp's spin-wait is throttled then);
+- conv + BatchNorm folding for evaluation (`torch.fx.experimental.optimization.fuse`), with the largest
+  difference in P(malignant) it causes.
+
+Each training figure is images/s, the median of `--steps` steps after 2 warm-up steps, on random uint8
+images through the engine's batch preparation in the engine's precision plan for the model and size.
+
+    python bench/levers.py [--models resnet18 efficientnet_b0] [--sizes 96 128] [--steps 6] [--no-compile]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from bench.flops import cpu_peak  # noqa: E402
+from core.config import TrainConfig  # noqa: E402
+from core.models import build_model  # noqa: E402
+from core.training.batches import prepare_batch  # noqa: E402
+from core.training.precision import ExecutionPlan, choose_execution_plan  # noqa: E402
+
+
+def timed_steps(step, steps: int) -> tuple[float, float]:
+    """(seconds of the first step, median seconds of the `steps` steps after 2 warm-up steps)."""
+    started = time.perf_counter()
+    step()
+    first = time.perf_counter() - started
+    ends = []
+    for _ in range(steps + 2):
+        step()
+        ends.append(time.perf_counter())
+    return first, statistics.median(np.diff(ends[1:]))
+
+
+def training_step(name: str, size: int, batch: int, plan: ExecutionPlan, compile_mode: str | None = None,
+                  compile_loss: bool = False):
+    """One engine-like training step on random images; optionally compiled."""
+    model, _ = build_model(name, pretrained=False)
+    model.to(plan.device, memory_format=plan.memory_format).train()
+    optimiser = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    criterion = nn.CrossEntropyLoss(label_smoothing=0.1)
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (256, 3, size, size), dtype=torch.uint8)  # as TensorData holds them
+
+    def forward_loss(inputs, labels):
+        with plan.autocast():
+            return criterion(model(inputs).float(), labels)
+
+    if compile_mode is not None and compile_loss:
+        forward_loss = torch.compile(forward_loss, mode=compile_mode)
+    elif compile_mode is not None:
+        compiled = torch.compile(model, mode=compile_mode)
+
+        def forward_loss(inputs, labels):  # noqa: F811 (the compiled model in place of the eager one)
+            with plan.autocast():
+                return criterion(compiled(inputs).float(), labels)
+
+    def step() -> None:
+        rows = torch.randint(0, len(images), (batch,), generator=generator)
+        inputs = prepare_batch(images[rows], plan, True, generator)
+        loss = forward_loss(inputs, torch.randint(0, 2, (batch,), generator=generator))
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+        loss.item()
+
+    return step
+
+
+def on_worker_thread(step):
+    """The step run on a fresh thread each time, as the job queue's training thread runs it."""
+    def threaded() -> None:
+        worker = threading.Thread(target=step)
+        worker.start()
+        worker.join()
+    return threaded
+
+
+def eval_fusion(name: str, size: int, batch: int, steps: int) -> tuple[float, float, float]:
+    """(eager img/s, conv+BN folded img/s, largest |P(malignant) difference|) for evaluation in fp32."""
+    from torch.fx.experimental.optimization import fuse
+
+    model, _ = build_model(name, pretrained=False)
+    model.eval()
+    # Random BatchNorm statistics, so that folding them is not a no-op on a fresh model.
+    generator = torch.Generator().manual_seed(0)
+    for module in model.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            module.running_mean.copy_(torch.randn(module.num_features, generator=generator) * 0.1)
+            module.running_var.copy_(torch.rand(module.num_features, generator=generator) + 0.5)
+    folded = fuse(model)
+    inputs = torch.randn(batch, 3, size, size, generator=generator)
+    with torch.inference_mode():
+        eager_seconds = timed_steps(lambda: model(inputs), steps)[1]
+        folded_seconds = timed_steps(lambda: folded(inputs), steps)[1]
+        difference = (torch.softmax(model(inputs), 1)[:, 1] - torch.softmax(folded(inputs), 1)[:, 1]).abs().max()
+    return batch / eager_seconds, batch / folded_seconds, float(difference)
+
+
+def lever_cases(name: str, size: int, plan: ExecutionPlan, threads: int, with_compile: bool):
+    """(lever, training step, batch) in the order measured; the first is the engine's eager step."""
+    yield f"eager, {plan.name}, batch 32", training_step(name, size, 32, plan), 32
+    for batch in (16, 64):
+        yield f"eager, batch {batch}", training_step(name, size, batch, plan), batch
+    torch.set_num_threads(1)
+    yield "eager, 1 thread", training_step(name, size, 32, plan), 32
+    torch.set_num_threads(threads)
+    yield "eager, on a worker thread", on_worker_thread(training_step(name, size, 32, plan)), 32
+    if with_compile:
+        for mode in ("default", "max-autotune-no-cudagraphs"):
+            yield f"compile(model), {mode}", training_step(name, size, 32, plan, mode), 32
+        yield "compile(forward + loss), default", training_step(name, size, 32, plan, "default", True), 32
+        torch._dynamo.reset()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=["resnet18", "efficientnet_b0"])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[96, 128])
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--no-compile", action="store_true", help="leave out torch.compile (minutes per case)")
+    args = parser.parse_args()
+    device = torch.device("cpu")
+    threads = torch.get_num_threads()
+    print(f"{cpu_peak().describe()}; torch {torch.__version__}, {threads} threads, median of {args.steps} steps")
+    print(f"{'model':<16} {'size':>4} {'lever':<44} {'first step s':>12} {'img/s':>7} {'vs eager':>8}")
+    with tempfile.TemporaryDirectory() as cache:
+        for name in args.models:
+            for size in args.sizes:
+                config = TrainConfig(model=name, image_size=size, batch_size=32, pretrained=False)
+                plan = choose_execution_plan(build_model(name, pretrained=False)[0], config, device, Path(cache))
+                eager = None
+                for lever, step, batch in lever_cases(name, size, plan, threads, not args.no_compile):
+                    first, seconds = timed_steps(step, args.steps)
+                    rate = batch / seconds
+                    eager = eager or rate
+                    print(f"{name:<16} {size:>4} {lever:<44} {first:>12.1f} {rate:>7.1f} {rate / eager:>7.2f}x",
+                          flush=True)
+                eager_rate, folded_rate, difference = eval_fusion(name, size, 32, args.steps)
+                print(f"{name:<16} {size:>4} {'eval fp32: eager -> conv+BN folded':<44} {'':>12} "
+                      f"{folded_rate:>7.1f} {folded_rate / eager_rate:>7.2f}x  (eager {eager_rate:.1f} img/s; "
+                      f"largest P difference {difference:.1e})", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
