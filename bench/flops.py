@@ -69,13 +69,20 @@ def parse_lscpu(text: str) -> CpuPeak:
     return CpuPeak(fields.get("Model name", "unknown CPU"), cores, mhz, fp32, bf16, features)
 
 
-def cpu_peak() -> CpuPeak:
-    """This machine's CPU peak; the clock falls back to /proc/cpuinfo when lscpu gives none."""
-    peak = parse_lscpu(subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout)
+def cpu_peak() -> CpuPeak | None:
+    """This machine's CPU peak (the clock from /proc/cpuinfo when lscpu gives none); None where neither says
+    the clock (no lscpu, not Linux)."""
+    try:
+        peak = parse_lscpu(subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout)
+    except (OSError, subprocess.CalledProcessError):
+        return None
     if peak.mhz:
         return peak
-    with open("/proc/cpuinfo") as info:
-        mhz = next(float(line.split(":")[1]) for line in info if line.startswith("cpu MHz"))
+    try:
+        with open("/proc/cpuinfo") as info:
+            mhz = next(float(line.split(":")[1]) for line in info if line.startswith("cpu MHz"))
+    except (OSError, StopIteration, ValueError):
+        return None
     return dataclasses.replace(peak, mhz=mhz)
 
 

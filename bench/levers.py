@@ -17,20 +17,19 @@ images through the engine's batch preparation in the engine's precision plan for
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from bench.flops import cpu_peak  # noqa: E402
+from bench.throughput import median_step_seconds  # noqa: E402
 from core.config import TrainConfig  # noqa: E402
 from core.models import build_model  # noqa: E402
 from core.training.batches import prepare_batch  # noqa: E402
@@ -41,12 +40,7 @@ def timed_steps(step, steps: int) -> tuple[float, float]:
     """(seconds of the first step, median seconds of the `steps` steps after 2 warm-up steps)."""
     started = time.perf_counter()
     step()
-    first = time.perf_counter() - started
-    ends = []
-    for _ in range(steps + 2):
-        step()
-        ends.append(time.perf_counter())
-    return first, statistics.median(np.diff(ends[1:]))
+    return time.perf_counter() - started, median_step_seconds(step, steps)
 
 
 def training_step(name: str, size: int, batch: int, plan: ExecutionPlan, compile_mode: str | None = None,
@@ -139,7 +133,9 @@ def main() -> int:
     args = parser.parse_args()
     device = torch.device("cpu")
     threads = torch.get_num_threads()
-    print(f"{cpu_peak().describe()}; torch {torch.__version__}, {threads} threads, median of {args.steps} steps")
+    peak = cpu_peak()
+    print(f"{peak.describe() if peak else 'CPU peak unknown'}; torch {torch.__version__}, {threads} threads, "
+          f"median of {args.steps} steps")
     print(f"{'model':<16} {'size':>4} {'lever':<44} {'first step s':>12} {'img/s':>7} {'vs eager':>8}")
     with tempfile.TemporaryDirectory() as cache:
         for name in args.models:

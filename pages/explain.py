@@ -322,8 +322,8 @@ def show_row(explained: ExplainedImage, settings: dict, notes: list[str],
     st.caption("Above: contours at 25/50/75% of each map" + (", lesion outline in green" if settings["show_mask"]
                                                              else "") + ".")
     for size in sorted({image.shape[0] for image in explained.inputs or []}):
-        if small_input_note(size):
-            st.caption(small_input_note(size))
+        if note := small_input_note(size):
+            st.caption(note)
     verdicts = verdicts or [None] * count
     method_name = CAM_METHODS[settings["method"]].display_name
     for column, result, note, verdict in zip(st.columns(count), explained.results, notes, verdicts):

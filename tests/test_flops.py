@@ -6,6 +6,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 from torchvision import models as tv
 
+from bench import flops
 from bench.flops import forward_flops, grouped_conv_backward_flops, parse_lscpu, training_step_flops
 from core.models import build_model
 
@@ -89,3 +90,11 @@ def test_peak_of_an_avx2_epyc_without_a_clock_is_left_for_proc_cpuinfo():
     assert (peak.cores, peak.mhz, peak.fp32_per_cycle, peak.bf16_per_cycle) == (2, 0.0, 32, 32)
     assert peak.features == ("avx2", "fma")
     assert "bf16" in peak.describe()
+
+
+def test_without_lscpu_the_peak_is_unknown_not_an_error(monkeypatch):
+    def missing(*args, **kwargs):
+        raise FileNotFoundError("lscpu")
+
+    monkeypatch.setattr(flops.subprocess, "run", missing)
+    assert flops.cpu_peak() is None
