@@ -5,18 +5,20 @@
 - batch size 16, 32 and 64;
 - intra-op threads (1 against all), and the training step run on a worker thread after the main thread
   has used OpenMP (how the dashboard trains: libgomp's spin-wait is throttled then);
-- conv + BatchNorm folding for evaluation (`torch.fx.experimental.optimization.fuse`), with the largest
-  difference in P(malignant) it causes.
+- conv + BatchNorm folding for evaluation (`core.models.fold_batch_norms`, as the engine's evaluation, CAMs
+  and audit use it), with the largest difference in P(malignant) it causes.
 
 Each training figure is images/s, the median of `--steps` steps after 2 warm-up steps, on random uint8
 images through the engine's batch preparation in the engine's precision plan for the model and size.
 
-    python bench/levers.py [--models resnet18 efficientnet_b0] [--sizes 96 128] [--steps 6] [--no-compile]
+    python bench/levers.py [--models resnet18 efficientnet_b0] [--sizes 96 128] [--steps 6] [--no-compile] [--only-eval]
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
+import statistics
 import sys
 import tempfile
 import threading
@@ -31,9 +33,9 @@ sys.path.insert(0, str(ROOT))
 from bench.flops import cpu_peak  # noqa: E402
 from bench.throughput import median_step_seconds  # noqa: E402
 from core.config import TrainConfig  # noqa: E402
-from core.models import build_model  # noqa: E402
+from core.models import build_model, fold_batch_norms  # noqa: E402
 from core.training.batches import prepare_batch  # noqa: E402
-from core.training.precision import ExecutionPlan, choose_execution_plan  # noqa: E402
+from core.training.precision import ExecutionPlan, candidate_plans, choose_execution_plan  # noqa: E402
 
 
 def timed_steps(step, steps: int) -> tuple[float, float]:
@@ -41,6 +43,19 @@ def timed_steps(step, steps: int) -> tuple[float, float]:
     started = time.perf_counter()
     step()
     return time.perf_counter() - started, median_step_seconds(step, steps)
+
+
+def interleaved_medians(first, second, steps: int) -> tuple[float, float]:
+    """Median seconds of each of two steps, alternated after one warm-up of each: a drift in the machine's
+    speed (a neighbour, the clock) then weighs on both alike, which timing one after the other does not."""
+    first(), second()
+    times: tuple[list[float], list[float]] = ([], [])
+    for _ in range(steps):
+        for step, record in ((first, times[0]), (second, times[1])):
+            started = time.perf_counter()
+            step()
+            record.append(time.perf_counter() - started)
+    return statistics.median(times[0]), statistics.median(times[1])
 
 
 def training_step(name: str, size: int, batch: int, plan: ExecutionPlan, compile_mode: str | None = None,
@@ -87,10 +102,9 @@ def on_worker_thread(step):
     return threaded
 
 
-def eval_fusion(name: str, size: int, batch: int, steps: int) -> tuple[float, float, float]:
-    """(eager img/s, conv+BN folded img/s, largest |P(malignant) difference|) for evaluation in fp32."""
-    from torch.fx.experimental.optimization import fuse
-
+def eval_fusion(name: str, size: int, batch: int, steps: int, plan: ExecutionPlan) -> tuple[float, float, float, int]:
+    """(eager img/s, conv+BN folded img/s, largest |P(malignant) difference|, pairs folded) for evaluation in
+    the plan's precision and memory format, folded by the engine's own `fold_batch_norms`."""
     model, _ = build_model(name, pretrained=False)
     model.eval()
     # Random BatchNorm statistics, so that folding them is not a no-op on a fresh model.
@@ -99,13 +113,22 @@ def eval_fusion(name: str, size: int, batch: int, steps: int) -> tuple[float, fl
         if isinstance(module, nn.BatchNorm2d):
             module.running_mean.copy_(torch.randn(module.num_features, generator=generator) * 0.1)
             module.running_var.copy_(torch.rand(module.num_features, generator=generator) + 0.5)
-    folded = fuse(model)
-    inputs = torch.randn(batch, 3, size, size, generator=generator)
+    folded = copy.deepcopy(model)
+    pairs = fold_batch_norms(folded)
+    model.to(plan.device, memory_format=plan.memory_format)
+    folded.to(plan.device, memory_format=plan.memory_format)
+    inputs = torch.randn(batch, 3, size, size, generator=generator).to(plan.device,
+                                                                         memory_format=plan.memory_format)
+
+    def probabilities(network):
+        with plan.autocast():
+            return torch.softmax(network(inputs).float(), 1)[:, 1]
+
     with torch.inference_mode():
-        eager_seconds = timed_steps(lambda: model(inputs), steps)[1]
-        folded_seconds = timed_steps(lambda: folded(inputs), steps)[1]
-        difference = (torch.softmax(model(inputs), 1)[:, 1] - torch.softmax(folded(inputs), 1)[:, 1]).abs().max()
-    return batch / eager_seconds, batch / folded_seconds, float(difference)
+        eager_seconds, folded_seconds = interleaved_medians(lambda: probabilities(model),
+                                                            lambda: probabilities(folded), steps)
+        difference = (probabilities(model) - probabilities(folded)).abs().max()
+    return batch / eager_seconds, batch / folded_seconds, float(difference), pairs
 
 
 def lever_cases(name: str, size: int, plan: ExecutionPlan, threads: int, with_compile: bool):
@@ -130,6 +153,7 @@ def main() -> int:
     parser.add_argument("--sizes", type=int, nargs="+", default=[96, 128])
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--no-compile", action="store_true", help="leave out torch.compile (minutes per case)")
+    parser.add_argument("--only-eval", action="store_true", help="only the evaluation lever (conv+BN folding)")
     args = parser.parse_args()
     device = torch.device("cpu")
     threads = torch.get_num_threads()
@@ -141,18 +165,23 @@ def main() -> int:
         for name in args.models:
             for size in args.sizes:
                 config = TrainConfig(model=name, image_size=size, batch_size=32, pretrained=False)
-                plan = choose_execution_plan(build_model(name, pretrained=False)[0], config, device, Path(cache))
+                plan = (candidate_plans(device)[-1] if args.only_eval else  # the plan itself is not timed then
+                        choose_execution_plan(build_model(name, pretrained=False)[0], config, device, Path(cache)))
                 eager = None
-                for lever, step, batch in lever_cases(name, size, plan, threads, not args.no_compile):
+                cases = [] if args.only_eval else lever_cases(name, size, plan, threads, not args.no_compile)
+                for lever, step, batch in cases:
                     first, seconds = timed_steps(step, args.steps)
                     rate = batch / seconds
                     eager = eager or rate
                     print(f"{name:<16} {size:>4} {lever:<44} {first:>12.1f} {rate:>7.1f} {rate / eager:>7.2f}x",
                           flush=True)
-                eager_rate, folded_rate, difference = eval_fusion(name, size, 32, args.steps)
-                print(f"{name:<16} {size:>4} {'eval fp32: eager -> conv+BN folded':<44} {'':>12} "
-                      f"{folded_rate:>7.1f} {folded_rate / eager_rate:>7.2f}x  (eager {eager_rate:.1f} img/s; "
-                      f"largest P difference {difference:.1e})", flush=True)
+                # Evaluation runs in the training plan's precision, and the CAMs and the audit in fp32 NCHW.
+                for eval_plan in {plan.name: plan, "fp32": ExecutionPlan(device)}.values():
+                    eager_rate, folded_rate, difference, pairs = eval_fusion(name, size, 64, args.steps, eval_plan)
+                    lever = f"eval {eval_plan.name}: conv+BN folded"
+                    print(f"{name:<16} {size:>4} {lever:<44} {'':>12} {folded_rate:>7.1f} "
+                          f"{folded_rate / eager_rate:>7.2f}x  (eager {eager_rate:.1f} img/s; {pairs} pairs; "
+                          f"largest P difference {difference:.1e})", flush=True)
     return 0
 
 

@@ -320,3 +320,74 @@ def load_weights_file(model: nn.Module, spec: ModelSpec, path: str | Path) -> No
             spec.load_imagenet(model, state_dict)
         except RuntimeError:
             raise ValueError(f"weights file {path} does not fit {spec.display_name}") from None
+
+
+# Smallest input every registry model accepts (five stride-2 stages leave 2 x 2); the probe is cheap at it.
+_FOLDING_PROBE_SIZE = 64
+
+
+@torch.no_grad()
+def fold_batch_norms(model: nn.Module) -> int:
+    """Fold, in place, each BatchNorm that reads a convolution's output into that convolution, for inference
+    (evaluation, CAMs, the audit): the same function with a batch-norm pass fewer, and 1.1-1.3x faster on a
+    CPU (docs/PERFORMANCE.md). The module tree keeps every name, so CAM hooks and stage lists still find
+    their layers: each folded BatchNorm becomes an `nn.Identity`.
+
+    Pairs are found by running the model once on a small probe image and matching each BatchNorm's input
+    to the convolution call that produced it, which works where `torch.fx` cannot trace (DenseNet). A
+    convolution whose output something else also reads would fold wrongly, so the model's output on the
+    probe is compared before and after, and any difference undoes every fold. Returns how many pairs were
+    folded (0: nothing to fold, or undone). The model must be in eval mode."""
+    if model.training:
+        raise ValueError("fold_batch_norms needs a model in eval mode (training updates the batch statistics)")
+    parameter = next(model.parameters())
+    probe = torch.randn(1, 3, _FOLDING_PROBE_SIZE, _FOLDING_PROBE_SIZE,
+                        generator=torch.Generator().manual_seed(0)).to(parameter.device, parameter.dtype)
+    pairs, expected = _conv_batch_norm_pairs(model, probe)
+    replaced = []
+    for conv_name, norm_name in pairs:
+        conv, norm = model.get_submodule(conv_name), model.get_submodule(norm_name)
+        replaced += [(conv_name, conv), (norm_name, norm)]
+        _set_submodule(model, conv_name, torch.nn.utils.fusion.fuse_conv_bn_eval(conv, norm))
+        _set_submodule(model, norm_name, nn.Identity())
+    if pairs and not torch.allclose(model(probe), expected, rtol=1e-3, atol=1e-4):
+        for name, module in replaced:
+            _set_submodule(model, name, module)
+        return 0
+    return len(pairs)
+
+
+def _conv_batch_norm_pairs(model: nn.Module, probe: torch.Tensor) -> tuple[list[tuple[str, str]], torch.Tensor]:
+    """(convolution name, BatchNorm name) for every BatchNorm2d whose input is the output of a Conv2d, both
+    called once in a forward pass on `probe`; and the model's output on it."""
+    names = {module: name for name, module in model.named_modules()}
+    calls: dict[nn.Module, int] = {}
+    conv_outputs: dict[int, tuple[str, torch.Tensor]] = {}  # the tensors are kept so that no id is reused
+    pairs = []
+
+    def on_conv(module, inputs, output):
+        calls[module] = calls.get(module, 0) + 1
+        conv_outputs[id(output)] = (names[module], output)
+
+    def on_norm(module, inputs):
+        calls[module] = calls.get(module, 0) + 1
+        source = conv_outputs.get(id(inputs[0]))
+        if source is not None and source[1] is inputs[0]:
+            pairs.append((source[0], names[module]))
+
+    hooks = [module.register_forward_hook(on_conv) for module in model.modules() if type(module) is nn.Conv2d]
+    hooks += [module.register_forward_pre_hook(on_norm) for module in model.modules()
+              if type(module) is nn.BatchNorm2d]
+    try:
+        expected = model(probe)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    once = [(conv, norm) for conv, norm in pairs
+            if calls[model.get_submodule(conv)] == 1 and calls[model.get_submodule(norm)] == 1]
+    return once, expected
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)

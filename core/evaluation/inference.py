@@ -17,6 +17,7 @@ from torch import nn
 
 from core.cams import load_trained_model, run_precision
 from core.data.augment import normalise, to_unit_float
+from core.models import fold_batch_norms
 from core.runs import RunStore
 
 BATCH_SIZE = 64
@@ -39,8 +40,11 @@ def classifier_layer(model: nn.Module) -> nn.Linear:
 
 
 def load_run_model(run: dict, store: RunStore) -> nn.Module:
-    """The run's best weights in eval mode (ValueError when model.pt is missing or not a state_dict)."""
-    return load_trained_model(run, store.model_path(run["run_id"]))
+    """The run's best weights in eval mode with conv + BN folded, for inference only (ValueError when
+    model.pt is missing or not a state_dict)."""
+    model = load_trained_model(run, store.model_path(run["run_id"]))
+    fold_batch_norms(model)
+    return model
 
 
 @torch.inference_mode()

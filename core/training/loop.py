@@ -29,7 +29,7 @@ from core.config import DataSpec, TrainConfig
 from core.data.datasets import PreparedData, prepare_data
 from core.environment import describe_environment, select_device
 from core.evaluation.metrics import compute_metrics, safe_auc
-from core.models import build_model
+from core.models import build_model, fold_batch_norms
 from core.runs import RESUMABLE_STATUSES, RunFolder, RunStore, claimed_for_resume, remove_partial_writes
 from core.training.batches import TensorData, prepare_batch, training_order
 from core.training.callbacks import BatchProgress, CallbackList, EpochRecord, TrainingCallback
@@ -140,7 +140,11 @@ def train_one_epoch(model, data: TensorData, optimizer, scheduler, criterion, pl
 def evaluate(model, data: TensorData, plan: ExecutionPlan, batch_size: int, criterion=None,
              context: DistributedContext = SINGLE_PROCESS) -> tuple[np.ndarray, float]:
     """P(malignant) for every image, in order, and the mean loss (NaN without a criterion). Under torchrun
-    each process evaluates its shard and every process gets all of them; `model` is the unwrapped model."""
+    each process evaluates its shard and every process gets all of them; `model` is the unwrapped model;
+    it is put in eval mode, and where the plan folds conv + BN a folded copy of it is evaluated."""
+    if plan.fold_batch_norms:
+        model = copy.deepcopy(model.eval())
+        fold_batch_norms(model)
     probabilities, loss_sum = _evaluate_rows(model, data, plan, batch_size, criterion, context.shard(len(data)))
     if context.is_distributed:
         probabilities, (loss_sum,) = context.concatenate(probabilities), context.sum(loss_sum)
