@@ -45,7 +45,7 @@ from torch import nn
 from core.data.augment import normalise
 from core.data.datasets import PreparedData
 from core.data.images import decode_image
-from core.models import build_model, cam_layer, fold_batch_norms, get_model_spec
+from core.models import build_model, cam_layer, fold_batch_norms, get_model_spec, named_cam_layer
 
 logger = logging.getLogger(__name__)
 
@@ -180,10 +180,11 @@ class CamExplainer:
     The explainer runs on its model's device (CPU or CUDA); images may come on any device.
 
     `image_size` (the model's input size) picks the layer the maps hook (`core.models.cam_layer`): the last
-    stage, or the stage before it for small inputs; None keeps the last stage."""
+    stage, or the stage before it for small inputs; None keeps the last stage. `layer`, a module's name in
+    the model ("layer2", "features.3"), hooks that module instead (to compare layers)."""
 
     def __init__(self, model: nn.Module, model_name: str, precision: str = "fp32",
-                 image_size: int | None = None) -> None:
+                 image_size: int | None = None, layer: str | None = None) -> None:
         if precision not in PRECISIONS:
             raise ValueError(f"unknown precision {precision!r} (choose from {', '.join(PRECISIONS)})")
         self.model_name = model_name
@@ -197,7 +198,8 @@ class CamExplainer:
                       else torch.contiguous_format)
         for parameter in self.model.parameters():
             parameter.requires_grad_(False)
-        self.layer = cam_layer(get_model_spec(model_name), self.model, image_size)
+        self.layer = (cam_layer(get_model_spec(model_name), self.model, image_size) if layer is None
+                      else named_cam_layer(self.model, layer))
         self.target_layer = self.layer.module
         self.target_layer.register_forward_hook(self._gradient_leaf)
         self._lock = threading.Lock()

@@ -90,6 +90,15 @@ def cam_layer(spec: ModelSpec, model: nn.Module, image_size: int | None = None) 
     return CamLayer(spec.target_layer(model), name, 32, -(-image_size // 32) if image_size is not None else 0)
 
 
+def named_cam_layer(model: nn.Module, name: str) -> CamLayer:
+    """Any module of the model as the CAMs' layer, by its name ("layer2", "features.3"); ValueError when the
+    model has none of that name. Its stride and map size are not known without a forward pass: left 0."""
+    try:
+        return CamLayer(model.get_submodule(name), name, 0, 0)
+    except AttributeError:
+        raise ValueError(f"{type(model).__name__} has no layer {name!r}") from None
+
+
 def get_model_spec(name: str) -> ModelSpec:
     try:
         return MODEL_REGISTRY[name]

@@ -381,3 +381,18 @@ def test_explain_page_batch_view_and_slow_method_run_in_the_background(trained, 
     app.selectbox(key="widget.cam_method").set_value("scorecam").run()
     assert not app.exception
     wait_until(app, lambda a: a.get("download_button"))
+
+
+def test_an_explainer_hooks_a_layer_named_in_place_of_the_registrys():
+    """bench/cam_layers.py compares stages: a named module is hooked, and its maps follow its own resolution."""
+    model, _ = build_model("resnet18", pretrained=False)
+    model.eval()
+    image = torch.randn(1, 3, 96, 96, generator=torch.Generator().manual_seed(0))
+    registry = CamExplainer(model, "resnet18", image_size=96)
+    named = CamExplainer(model, "resnet18", image_size=96, layer="layer2")
+    assert registry.target_layer is registry.model.layer3[-1]
+    assert named.target_layer is named.model.layer2 and named.layer.describe() == "layer2"
+    result = named.explain(image, "layercam", target=1)
+    assert result.layer == "layer2" and result.cam.shape == (96, 96)
+    with pytest.raises(ValueError, match="no layer 'layer9'"):
+        CamExplainer(model, "resnet18", image_size=96, layer="layer9")
