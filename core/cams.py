@@ -45,7 +45,14 @@ from torch import nn
 from core.data.augment import normalise
 from core.data.datasets import PreparedData
 from core.data.images import decode_image
-from core.models import build_model, cam_layer, fold_batch_norms, get_model_spec, named_cam_layer
+from core.models import (
+    build_model,
+    cam_layer,
+    default_cam_method,
+    fold_batch_norms,
+    get_model_spec,
+    named_cam_layer,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -180,7 +187,7 @@ class CamExplainer:
     The explainer runs on its model's device (CPU or CUDA); images may come on any device.
 
     `image_size` (the model's input size) picks the layer the maps hook (`core.models.cam_layer`): the last
-    stage, or the stage before it for small inputs; None keeps the last stage. `layer`, a module's name in
+    stage, or a stride-8 stage for small inputs; None keeps the last stage. `layer`, a module's name in
     the model ("layer2", "features.3"), hooks that module instead (to compare layers)."""
 
     def __init__(self, model: nn.Module, model_name: str, precision: str = "fp32",
@@ -201,6 +208,7 @@ class CamExplainer:
         self.layer = (cam_layer(get_model_spec(model_name), self.model, image_size) if layer is None
                       else named_cam_layer(self.model, layer))
         self.target_layer = self.layer.module
+        self.default_method = default_cam_method(image_size)  # the registry's method for this layer
         self.target_layer.register_forward_hook(self._gradient_leaf)
         self._lock = threading.Lock()
         self._method: str | None = None
@@ -224,11 +232,13 @@ class CamExplainer:
             self._method = method
         return self._cam
 
-    def explain(self, image: torch.Tensor, method: str = "gradcam", target: str | int = "predicted",
+    def explain(self, image: torch.Tensor, method: str | None = None, target: str | int = "predicted",
                 progress=None, stop=None) -> CamResult:
-        """The map of one normalised image (1 x 3 x H x W). target: 'predicted', 0 (benign) or 1 (malignant).
-        Slow methods call `progress(fraction)` after each forward pass and raise CamCancelled when
+        """The map of one normalised image (1 x 3 x H x W) by `method` (None: the registry's for the layer, see
+        `default_method`). target: 'predicted', 0 (benign) or 1 (malignant). Slow methods call
+        `progress(fraction)` after each forward pass and raise CamCancelled when
         `stop` (an Event) is set."""
+        method = method or self.default_method
         with self._lock:
             probability = self._recorded_precision_probability(image)
             if probability is not None and target == "predicted":
@@ -327,6 +337,11 @@ def explainer_for_run(run: dict, model_path: Path | str, device: str | torch.dev
     """The explainer of a stored run: its best weights, and the precision its predictions were computed in."""
     return CamExplainer(load_trained_model(run, model_path, device), run["model"], precision=run_precision(run),
                         image_size=run_image_size(run))
+
+
+def default_run_method(runs: list[dict]) -> str:
+    """The CAM method pages and commands start from for these runs: the registry's for the smallest input."""
+    return default_cam_method(min(run_image_size(run) for run in runs) if runs else None)
 
 
 def run_precision(run: dict) -> str:
@@ -470,12 +485,13 @@ class ExplainedImage:
 
 
 def explain_inputs(explainers: list[CamExplainer], inputs: list[np.ndarray], display: np.ndarray,
-                   method: str = "gradcam", target: str | int = "predicted", mask: np.ndarray | None = None,
+                   method: str | None = None, target: str | int = "predicted", mask: np.ndarray | None = None,
                    report=None, stop=None) -> ExplainedImage:
     """Every model's map of one image. Each model gets its own input, uint8 at its input size (a run's
     test image: `run_model_input`; a file: `decoded_inputs`), and its map is resized to `display`, which
-    is only shown. `report(done, total)` moves within a slow method's many forward passes, not only
-    after each model; `stop` (an Event) cancels between passes."""
+    is only shown. `method` None: each model's own default (`CamExplainer.default_method`). `report(done,
+    total)` moves within a slow method's many forward passes, not only after each model; `stop` (an Event)
+    cancels between passes."""
     steps = 100  # per model: slow methods report a fraction of their passes
     height, width = display.shape[:2]
     results = []
@@ -495,7 +511,7 @@ def explain_inputs(explainers: list[CamExplainer], inputs: list[np.ndarray], dis
     return ExplainedImage(display, results, mask, list(inputs))
 
 
-def explain_image(explainers: list[tuple[CamExplainer, int]], image_uint8: np.ndarray, method: str = "gradcam",
+def explain_image(explainers: list[tuple[CamExplainer, int]], image_uint8: np.ndarray, method: str | None = None,
                   target: str | int = "predicted", mask: np.ndarray | None = None) -> ExplainedImage:
     """Every model's map of one image; each model sees the image resized to its own training size and
     its map is resized back to the image's size. For a run's own test image use `explain_inputs` with
@@ -519,8 +535,8 @@ def explanation_panels(explained: ExplainedImage, opacity: float = 0.5, colour_m
         heat = result.normalised(scale)
         called = "malignant" if result.predicted_class else "benign"
         subtitle = f"P(malignant) {result.probability:.3f} -> {called}"
-        if result.layer:
-            subtitle += f" | {result.layer}"
+        method = CAM_METHODS[result.method].display_name if result.method in CAM_METHODS else result.method
+        subtitle += f" | {method}" + (f" on {result.layer}" if result.layer else "")
         if result.all_zero:
             subtitle += " | all-zero map"
         elif result.uniform:
@@ -531,7 +547,7 @@ def explanation_panels(explained: ExplainedImage, opacity: float = 0.5, colour_m
 
 
 def batch_measures(explainers: list[tuple[CamExplainer, int]], names: list[str], images: np.ndarray,
-                   masks: np.ndarray, method: str = "gradcam", report=None, stop=None) -> dict:
+                   masks: np.ndarray, method: str | None = None, report=None, stop=None) -> dict:
     """Localisation averaged over many images, per model: mean CAM energy inside the lesion, the
     pointing-game hit rate, and the lesion's mean area (what a map blind to the lesion would score).
     Maps explain the malignant class; all-zero maps have no peak and no energy, so they are left out

@@ -136,6 +136,9 @@ def add_synthetic_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--confounder-fraction", type=float, default=None,
                         help="share of malignant synthetic images given a shortcut artifact")
     parser.add_argument("--confounder-kind", choices=CONFOUNDER_KINDS, default=None)
+    parser.add_argument("--synthetic-lesion-spread", type=float, default=None,
+                        help="lesion centres lie within this distance of the image's centre, 1 being the edge "
+                             "(default 0.45; 0.15 draws the centred lesions of runs stored before it existed)")
 
 
 def add_reading_flags(parser: argparse.ArgumentParser) -> None:
@@ -242,8 +245,9 @@ def build_parser() -> argparse.ArgumentParser:
                                               "of each run's CAM of one image.")
     explain.add_argument("--image", required=True, help="a JPEG or PNG file")
     explain.add_argument("--runs", nargs="+", metavar="RUN_ID", help="default: newest completed run of each model")
-    explain.add_argument("--method", default="gradcam", help="gradcam, gradcam++, hirescam, xgradcam, layercam, "
-                                                             "eigencam, scorecam, ablationcam")
+    explain.add_argument("--method", default=None,
+                         help="gradcam, gradcam++, hirescam, xgradcam, layercam, eigencam, scorecam, ablationcam "
+                              "(default: gradcam, or hirescam for runs trained below 128 px, as on the Explain page)")
     explain.add_argument("--target", default="predicted", choices=["predicted", "malignant", "benign"])
     explain.add_argument("--shared-scale", action="store_true", help="one colour scale for all maps")
     explain.add_argument("--out", default=".", help="folder for the PNG and a JSON summary")
@@ -257,9 +261,10 @@ def build_parser() -> argparse.ArgumentParser:
                     "stored beside each run and reused; DIR gets audit.json, one CSV per check and PNG figures.")
     audit.add_argument("runs", nargs="*", metavar="RUN_ID", help="default: the newest completed run of each model")
     audit.add_argument("--images", type=int, default=50, help="test images per run (drawn with --seed)")
-    audit.add_argument("--methods", default="gradcam",
+    audit.add_argument("--methods", default=None,
                        help="comma-separated: gradcam, gradcam++, hirescam, xgradcam, layercam, eigencam, scorecam, "
-                            "ablationcam, and edges (a control that ignores the model and must fail)")
+                            "ablationcam, and edges (a control that ignores the model and must fail); default: the "
+                            "Explain page's method for the runs (hirescam below 128 px, else gradcam)")
     audit.add_argument("--checks", default="randomisation,artefacts,localisation,faithfulness",
                        help="comma-separated subset of randomisation,artefacts,localisation,faithfulness")
     audit.add_argument("--steps", type=int, default=4, help="randomisation steps from the head to the whole network")
@@ -287,7 +292,8 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--images", required=True, metavar="DIR", help="folder of JPEG/PNG images (sub-folders too)")
     predict.add_argument("--out", required=True, metavar="PATH.csv", help="the CSV of predictions")
     predict.add_argument("--cams", metavar="DIR", help="also write one PNG per image with every run's map")
-    predict.add_argument("--method", default="gradcam", help="the CAM method of --cams")
+    predict.add_argument("--method", default=None,
+                         help="the CAM method of --cams (default: gradcam, or hirescam for runs trained below 128 px)")
     predict.add_argument("--runs-dir", default=str(default_runs_dir()))
     add_check_data_parser(commands)
     commands.add_parser(
@@ -354,7 +360,7 @@ def data_spec_from_args(args: argparse.Namespace) -> DataSpec:
     values = {"source": args.data, "format": data_format, "label_map": label_map, "images_dir": args.images_dir,
               "masks_dir": args.masks_dir, "label_column": args.label_column, "image_column": args.image_column}
     for option in ("synthetic_count", "synthetic_image_size", "synthetic_seed", "confounder_fraction",
-                   "confounder_kind"):
+                   "confounder_kind", "synthetic_lesion_spread"):
         if getattr(args, option, None) is not None:
             values[option] = getattr(args, option)
     if args.data == "synthetic":
@@ -624,22 +630,24 @@ def command_explain(args: argparse.Namespace) -> int:
 
     from PIL import Image
 
-    from core.cams import CAM_METHODS, CamExplainer, explain_image, explanation_panels, load_trained_model
+    from core.cams import CAM_METHODS, default_run_method, explain_image, explainer_for_run, explanation_panels
     from core.data.images import ImageError, decode_image
     from core.figures import labelled_grid
 
-    if args.method not in CAM_METHODS:
+    if args.method is not None and args.method not in CAM_METHODS:
         raise ValueError(f"unknown CAM method {args.method!r} (choose from {', '.join(CAM_METHODS)})")
     store = RunStore(args.runs_dir)
     runs = [store.load(run_id) for run_id in args.runs] if args.runs else default_comparison_runs(store.list_runs())
     if not runs or any(run is None for run in runs):
         raise ValueError(f"no such run(s) in {args.runs_dir}" if args.runs else f"no completed runs in {args.runs_dir}")
+    args.method = args.method or default_run_method(runs)
     try:
         image = decode_image(args.image, 224)
     except ImageError as error:
         raise ValueError(f"cannot read {args.image}: {error}") from None
-    explainers = [(CamExplainer(load_trained_model(run, store.model_path(run["run_id"])), run["model"]),
-                   int(run["config"]["image_size"])) for run in runs]
+    # Each run's own layer and precision, as on the Explain page.
+    explainers = [(explainer_for_run(run, store.model_path(run["run_id"])), int(run["config"]["image_size"]))
+                  for run in runs]
     target = {"predicted": "predicted", "malignant": 1, "benign": 0}[args.target]
     explained = explain_image(explainers, image, args.method, target)
     figure = labelled_grid(explanation_panels(explained, shared_scale=args.shared_scale))
@@ -648,7 +656,8 @@ def command_explain(args: argparse.Namespace) -> int:
     stem = f"{Path(args.image).stem}-{args.method}"
     Image.fromarray(figure).save(out / f"{stem}.png")
     summary = [{"run_id": run["run_id"], "model": run["model"], "prob_malignant": result.probability,
-                "target_class": result.target_class, "all_zero": result.all_zero}
+                "target_class": result.target_class, "all_zero": result.all_zero, "method": result.method,
+                "layer": result.layer}
                for run, result in zip(runs, explained.results)]
     (out / f"{stem}.json").write_text(json.dumps(summary, indent=2))
     print(out / f"{stem}.png")
@@ -660,14 +669,16 @@ def command_audit(args: argparse.Namespace) -> int:
 
     from core.audit.outputs import write_audit_outputs
     from core.audit.runner import AuditSettings, check_runs, run_audit
+    from core.cams import default_run_method
 
-    settings = AuditSettings(methods=tuple(_comma_list(args.methods)), checks=tuple(_comma_list(args.checks)),
-                             images=args.images, seed=args.seed, steps=args.steps, baseline=args.baseline,
-                             masks_dir=args.masks_dir, road=args.road)
     store = RunStore(args.runs_dir)
     runs = check_runs(store, args.runs) if args.runs else default_comparison_runs(store.list_runs())
     if not runs:
         raise ValueError(f"no completed runs in {args.runs_dir}; train some with `python -m core train`")
+    methods = _comma_list(args.methods) if args.methods else [default_run_method(runs)]
+    settings = AuditSettings(methods=tuple(methods), checks=tuple(_comma_list(args.checks)),
+                             images=args.images, seed=args.seed, steps=args.steps, baseline=args.baseline,
+                             masks_dir=args.masks_dir, road=args.road)
     if args.device == "cuda":
         import torch
 

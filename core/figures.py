@@ -298,22 +298,49 @@ def labelled_grid(panels: list[tuple[str, str, list[np.ndarray]]], tile: int = 2
     Used for the Explain page's PNG download and `python -m core explain`."""
     from PIL import Image, ImageDraw, ImageFont
 
-    rows = max(len(images) for _, _, images in panels)
-    header, gap = 48, 6
-    canvas = Image.new("RGB", (len(panels) * (tile + gap) + gap, header + rows * (tile + gap) + gap), "white")
-    draw = ImageDraw.Draw(canvas)
     try:
         title_font, text_font = ImageFont.load_default(size=16), ImageFont.load_default(size=12)
     except TypeError:  # Pillow < 10.1 has one fixed-size default font
         title_font = text_font = ImageFont.load_default()
-    for column, (title, subtitle, images) in enumerate(panels):
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    # A subtitle's parts ("P(malignant) ... | HiResCAM on layer2, 12×12") wrap within the tile, never into the
+    # next column; PIL's default font has no "×".
+    subtitles = [_wrapped(measure, subtitle.replace("×", "x").split(" | "), text_font, tile)
+                 for _, subtitle, _ in panels]
+    rows = max(len(images) for _, _, images in panels)
+    line, gap = 15, 6
+    header = 28 + line * max(len(lines) for lines in subtitles) + 6
+    canvas = Image.new("RGB", (len(panels) * (tile + gap) + gap, header + rows * (tile + gap) + gap), "white")
+    draw = ImageDraw.Draw(canvas)
+    for column, ((title, _, images), lines) in enumerate(zip(panels, subtitles)):
         left = gap + column * (tile + gap)
         draw.text((left, 6), title, fill="black", font=title_font)
-        draw.text((left, 28), subtitle, fill="#444444", font=text_font)
+        for number, text in enumerate(lines):
+            draw.text((left, 28 + number * line), text, fill="#444444", font=text_font)
         for row, image in enumerate(images):
             picture = Image.fromarray(image).resize((tile, tile), Image.Resampling.BILINEAR)
             canvas.paste(picture, (left, header + row * (tile + gap)))
     return np.asarray(canvas)
+
+
+def _wrapped(draw, parts: list[str], font, width: int) -> list[str]:
+    """Lines of at most `width` pixels: parts joined with " | " while they fit, words wrapped within a part."""
+    lines: list[str] = []
+    for part in parts:
+        candidate = f"{lines[-1]} | {part}" if lines else part
+        if lines and draw.textlength(candidate, font=font) <= width:
+            lines[-1] = candidate
+            continue
+        current = ""
+        for word in part.split(" "):
+            attempt = f"{current} {word}".strip()
+            if current and draw.textlength(attempt, font=font) > width:
+                lines.append(current)
+                current = word
+            else:
+                current = attempt
+        lines.append(current)
+    return lines
 
 
 def image_table(column_titles: list[str], row_titles: list[str], rows: list[list[np.ndarray]],

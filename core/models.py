@@ -19,9 +19,15 @@ from torchvision import models as tv
 
 NUM_CLASSES = 2
 # Below this input size the last stage's map (stride 32) is 3 x 3 or smaller: each cell covers a ninth of the
-# image and sees all of it, so its maps cannot point at a lesion. CAMs then hook the stage before (stride 16,
-# 6 x 6 at the demo's 96 px), which still sees whole lesions; docs/PERFORMANCE.md has the measurements.
+# image and sees all of it, so its maps cannot point at a lesion. CAMs then hook a stride-8 stage (12 x 12 at
+# 96 px) with HiResCAM, which multiplies each activation by its own gradient instead of a channel's mean
+# gradient (Draelos & Carin, 2020), so the map keeps the stage's resolution. On the demo it finds lesions
+# placed anywhere where Grad-CAM on the same stage, or one stage deeper, does not, and unlike LayerCAM there
+# it passes the randomisation sanity check; docs/PERFORMANCE.md has the measurements per model, layer and method.
 SMALL_INPUT_SIZE = 128
+SMALL_INPUT_STRIDE = 8
+SMALL_INPUT_METHOD = "hirescam"
+PAPER_METHOD = "gradcam"
 
 
 @dataclass(frozen=True)
@@ -35,7 +41,7 @@ class ModelSpec:
     # The model's parameterised parts from the output down (head, last stage, ..., stem), each named:
     # the order in which the audit's cascading randomisation re-initialises them.
     parameter_stages: Callable[[nn.Module], list[tuple[str, list[nn.Module]]]]
-    # The stage before the last (stride 16): the layer CAMs hook for inputs under SMALL_INPUT_SIZE.
+    # The stride-8 stage CAMs hook for inputs under SMALL_INPUT_SIZE.
     small_input_layer: Callable[[nn.Module], nn.Module]
     # How a reader finds the two layers in the model's code: (target_layer, small_input_layer).
     layer_names: tuple[str, str]
@@ -71,22 +77,29 @@ def cam_layer_name(spec: ModelSpec, image_size: int | None = None) -> str:
     return spec.layer_names[1] if uses_small_input_layer(image_size) else spec.layer_names[0]
 
 
+def default_cam_method(image_size: int | None) -> str:
+    """The CAM method the pages start from for a model trained at `image_size` px: the paper's Grad-CAM,
+    or HiResCAM below SMALL_INPUT_SIZE (where the maps hook the stride-8 stage)."""
+    return SMALL_INPUT_METHOD if uses_small_input_layer(image_size) else PAPER_METHOD
+
+
 def small_input_note(image_size: int) -> str:
-    """Why the maps of a model trained at `image_size` px hook the stage before the last ('' when they do not)."""
+    """Why the maps of a model trained at `image_size` px hook the stride-8 stage with HiResCAM ('' when not)."""
     if not uses_small_input_layer(image_size):
         return ""
-    last, before = -(-image_size // 32), -(-image_size // 16)
+    last, early = -(-image_size // 32), -(-image_size // SMALL_INPUT_STRIDE)
     return (f"At {image_size} px the last stage's map is only {last}×{last}: each cell sees the whole image, so it "
-            f"cannot point at a lesion. Below {SMALL_INPUT_SIZE} px the maps hook the stage before it "
-            f"({before}×{before}); from {SMALL_INPUT_SIZE} px on, the last stage, as in the paper.")
+            f"cannot point at a lesion. Below {SMALL_INPUT_SIZE} px the maps hook an earlier stage ({early}×{early}) "
+            f"and start from HiResCAM, which multiplies each activation by its own gradient and so keeps that "
+            f"resolution; from {SMALL_INPUT_SIZE} px on, Grad-CAM on the last stage, as in the paper.")
 
 
 def cam_layer(spec: ModelSpec, model: nn.Module, image_size: int | None = None) -> CamLayer:
-    """The layer CAMs of `model` hook for inputs of `image_size` px: the last stage, or the stage before it
-    below SMALL_INPUT_SIZE (None: the last stage, whatever the size)."""
+    """The layer CAMs of `model` hook for inputs of `image_size` px: the last stage, or the registry's earlier
+    stage below SMALL_INPUT_SIZE (None: the last stage, whatever the size)."""
     name = cam_layer_name(spec, image_size)
     if uses_small_input_layer(image_size):
-        return CamLayer(spec.small_input_layer(model), name, 16, -(-image_size // 16))
+        return CamLayer(spec.small_input_layer(model), name, SMALL_INPUT_STRIDE, -(-image_size // SMALL_INPUT_STRIDE))
     return CamLayer(spec.target_layer(model), name, 32, -(-image_size // 32) if image_size is not None else 0)
 
 
@@ -205,27 +218,27 @@ def _efficientnet_stages(model: nn.Module) -> list[tuple[str, list[nn.Module]]]:
 register_model(ModelSpec(
     "resnet18", "ResNet18", _build_resnet(tv.resnet18), lambda m: m.layer4[-1],
     tv.ResNet18_Weights.IMAGENET1K_V1, _load_without(("fc.",)), _resnet_stages,
-    lambda m: m.layer3[-1], ("layer4", "layer3"),
+    lambda m: m.layer2[-1], ("layer4", "layer2"),
 ))
 register_model(ModelSpec(
     "resnet50", "ResNet50", _build_resnet(tv.resnet50), lambda m: m.layer4[-1],
     tv.ResNet50_Weights.IMAGENET1K_V2, _load_without(("fc.",)), _resnet_stages,
-    lambda m: m.layer3[-1], ("layer4", "layer3"),
+    lambda m: m.layer2[-1], ("layer4", "layer2"),
 ))
 register_model(ModelSpec(
     "densenet121", "DenseNet121", lambda dropout: DenseNet121(), lambda m: m.final_relu,
     tv.DenseNet121_Weights.IMAGENET1K_V1, _load_without(("classifier.",), _densenet_key), _densenet_stages,
-    lambda m: m.features.denseblock3, ("final_relu", "features.denseblock3"),
+    lambda m: m.features.denseblock2, ("final_relu", "features.denseblock2"),
 ))
 register_model(ModelSpec(
     "efficientnet_b0", "EfficientNetB0", _build_efficientnet_b0, lambda m: m.features[-1],
     tv.EfficientNet_B0_Weights.IMAGENET1K_V1, _load_without(("classifier.",)), _efficientnet_stages,
-    lambda m: m.features[5], ("features[8]", "features[5]"),
+    lambda m: m.features[3], ("features[8]", "features[3]"),
 ))
 register_model(ModelSpec(
     "hybrid_sresnet", "Hybrid S-ResNet", HybridSResNet, lambda m: m.backbone.layer4[-1],
     tv.ResNet18_Weights.IMAGENET1K_V1, _load_without(("fc.",), lambda key: f"backbone.{key}"), _hybrid_stages,
-    lambda m: m.backbone.layer3[-1], ("backbone.layer4", "backbone.layer3"),
+    lambda m: m.backbone.layer2[-1], ("backbone.layer4", "backbone.layer2"),
 ))
 
 

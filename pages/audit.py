@@ -30,6 +30,7 @@ from core.audit.runner import (
     planned_steps,
     run_audit,
 )
+from core.cams import default_run_method
 from core.config import DataSpec, TrainConfig
 from core.data.datasets import DatasetError, check_allowed
 from core.figures import artefact_heatmap_figure, audit_localisation_figure, faithfulness_figure, randomisation_figure
@@ -60,10 +61,11 @@ def audit_label(runs: list[dict]) -> str:
     return f"Audit of {len(runs)} run(s)"
 
 
-def settings_widgets() -> tuple[AuditSettings | None, str]:
-    """The audit's settings from the widgets, or None and why they cannot be used."""
+def settings_widgets(default_method: str) -> tuple[AuditSettings | None, str]:
+    """The audit's settings from the widgets, or None and why they cannot be used. The methods start from the
+    one the Explain page shows for these runs."""
     left, right = st.columns([2, 3])  # the checks' four chips need the room
-    methods = persistent(left.multiselect, "Methods", "audit_methods", ["gradcam"], options=list(AUDIT_METHODS),
+    methods = persistent(left.multiselect, "Methods", "audit_methods", [default_method], options=list(AUDIT_METHODS),
                          format_func=method_display_name,
                          help="The CAM methods to audit. 'Image edges' is a control that ignores the model: a sound "
                               "randomisation check flags it as FAILS.")
@@ -278,7 +280,7 @@ def main() -> None:
         return
     runs = choose_model_runs(available, AUDIT_RUNS, "audited")
     if can_administer():  # viewers see the stored results; the teacher runs audits
-        settings, problem = settings_widgets()
+        settings, problem = settings_widgets(default_run_method(runs))
         launch(store, runs, settings, problem)
     live()
     if not runs:

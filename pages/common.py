@@ -98,6 +98,7 @@ def apply_preset(name: str) -> None:
     for field in PRESET_FIELDS:
         st.session_state[VALUE_PREFIX + field] = getattr(preset, field)
     st.session_state[VALUE_PREFIX + "image_size"] = preset.image_size or "auto"
+    st.session_state[VALUE_PREFIX + "lr"] = preset.lr or "auto"
 
 
 def current_data_spec() -> DataSpec:
@@ -112,6 +113,7 @@ def current_config(model: str = "hybrid_sresnet") -> TrainConfig:
     values["max_images"] = values.get("max_images") or None  # the widget's 0 means all images
     values["weights_file"] = (values.get("weights_file") or "").strip() or None
     values["image_size"] = None if values.get("image_size") in (None, "auto") else int(values["image_size"])
+    values["lr"] = None if values.get("lr") in (None, "auto") else float(values["lr"])
     return TrainConfig(model=model, **values)
 
 
@@ -484,6 +486,6 @@ def run_data(store: RunStore, run: dict) -> PreparedData:
     predictions.csv was computed from. Runs that do not record their dataset get the Data page's."""
     config = TrainConfig.from_dict(run.get("config") or {})
     recorded = (run.get("dataset") or {}).get("spec")
-    spec = DataSpec(**recorded) if recorded else current_data_spec()
+    spec = DataSpec.from_dict(recorded) if recorded else current_data_spec()
     return load_prepared(spec, config.image_size, config.split, config.val_fraction, config.seed, config.max_images,
                          str(store.cache_dir), config.group_near_duplicates)

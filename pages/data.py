@@ -17,7 +17,7 @@ from core.data.datasets import (
     describe_given_split,
 )
 from core.data.duplicates import DEFAULT_THRESHOLD, HASH_BITS
-from core.data.synthetic import CONFOUNDER_KINDS
+from core.data.synthetic import CONFOUNDER_KINDS, MAX_LESION_SPREAD
 from core.figures import class_counts_figure, outline_mask
 from pages.common import (
     DATA_SPEC,
@@ -60,6 +60,10 @@ def synthetic_spec_widgets() -> DataSpec:
         seed = persistent(st.number_input, "Drawing seed", "synthetic_seed", 0, min_value=0, step=1)
         malignant = persistent(st.slider, "Malignant share", "synthetic_malignant_fraction", 0.35,
                                min_value=0.1, max_value=0.9, step=0.05)
+        spread = persistent(st.slider, "Lesion placement", "synthetic_lesion_spread",
+                            DataSpec().synthetic_lesion_spread, min_value=0.0, max_value=MAX_LESION_SPREAD, step=0.05,
+                            help="How far from the image's centre a lesion may lie (1 is the edge). Lesions anywhere "
+                                 "make the maps' pointing game a real test: a map stuck at the centre misses them.")
     with right:
         confounder = persistent(st.slider, "Confounder on malignant images", "confounder_fraction", 0.0,
                                 min_value=0.0, max_value=1.0, step=0.05,
@@ -69,7 +73,7 @@ def synthetic_spec_widgets() -> DataSpec:
     return DataSpec(source="synthetic", format="synthetic", synthetic_count=int(count),
                     synthetic_image_size=int(size), synthetic_seed=int(seed),
                     synthetic_malignant_fraction=float(malignant), confounder_fraction=float(confounder),
-                    confounder_kind=kind)
+                    confounder_kind=kind, synthetic_lesion_spread=float(spread))
 
 
 def local_spec_widgets() -> DataSpec | None:

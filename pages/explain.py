@@ -23,6 +23,7 @@ from core.cams import (
     batch_measures,
     colour_map_colours,
     decoded_inputs,
+    default_run_method,
     energy_inside,
     explain_inputs,
     explanation_panels,
@@ -112,7 +113,9 @@ def default_dataset_run(runs: list[dict]) -> dict | None:
 
 def dataset_name(run: dict) -> str:
     dataset = run.get("dataset") or {}
-    return dataset_label(DataSpec(**dataset["spec"])) if dataset.get("spec") else dataset.get("name", "its dataset")
+    if dataset.get("spec"):
+        return dataset_label(DataSpec.from_dict(dataset["spec"]))
+    return dataset.get("name", "its dataset")
 
 
 def choose_runs(store: RunStore, fresh_request: bool) -> list[dict]:
@@ -256,10 +259,10 @@ def uploaded_image(runs: list[dict]) -> ChosenImage | None:
     return ChosenImage(upload.name, display, None, inputs, [""] * len(runs))
 
 
-def controls(has_mask: bool) -> dict:
+def controls(has_mask: bool, default_method: str) -> dict:
     columns = st.columns([1.3, 1.2, 1.1, 1, 1.2])
     with columns[0]:
-        method = persistent(st.selectbox, "CAM method", "cam_method", "gradcam", options=list(CAM_METHODS),
+        method = persistent(st.selectbox, "CAM method", "cam_method", default_method, options=list(CAM_METHODS),
                             format_func=lambda m: CAM_METHODS[m].display_name + (" (slow)" if CAM_METHODS[m].slow
                                                                                  else ""))
     with columns[1]:
@@ -516,7 +519,8 @@ def main() -> None:
     chosen = browse_test_images(store, runs) if source == "Test image" else uploaded_image(runs)
     if chosen is None:
         return
-    settings = controls(chosen.mask is not None)
+    default_method = default_run_method(runs)  # HiResCAM below 128 px, else the paper's Grad-CAM
+    settings = controls(chosen.mask is not None, default_method)
     names = [get_model_spec(run["model"]).display_name for run in runs]
     try:
         explainers = [cached_explainer(str(store.root), run["run_id"], model_version(store, run["run_id"]))
@@ -540,7 +544,7 @@ def main() -> None:
         data = reference_data(store, runs[0])  # cached: the same load the image list used
         if data is not None:
             show_batch_view(data, runs, explainers, names, settings["method"]
-                            if not CAM_METHODS[settings["method"]].slow else "gradcam")
+                            if not CAM_METHODS[settings["method"]].slow else default_method)
 
 
 main()

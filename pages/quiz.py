@@ -1,5 +1,5 @@
 """Quiz page for a class: a student marks where they would look on a test image, answers benign or malignant
-with a confidence, and then sees the five models' answers and Grad-CAMs, the lesion and the scores. Answers
+with a confidence, and then sees the five models' answers and CAMs, the lesion and the scores. Answers
 are stored anonymously (core.quiz.store); the teacher chooses the images and sees the class summary."""
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import streamlit as st
 from streamlit_image_coordinates import streamlit_image_coordinates
 
 from core.cams import (
+    CAM_METHODS,
     CamExplainer,
     ExplainedImage,
     explain_inputs,
@@ -24,7 +25,7 @@ from core.config import DataSpec
 from core.data.datasets import DatasetError, PreparedData
 from core.evaluation.compare import default_comparison_runs
 from core.figures import marks_overlay, quiz_answerers_figure
-from core.models import get_model_spec
+from core.models import default_cam_method, get_model_spec
 from core.quiz.questions import next_image, quiz_pool
 from core.quiz.scoring import (
     Marks,
@@ -60,7 +61,6 @@ MARK_MODES = ["Click points", "Draw a box"]
 ANSWERS = {"benign": 0, "malignant": 1}
 CLASS_NAMES = {0: "benign", 1: "malignant"}
 MIN_BOX = 0.02  # a drag shorter than this share of the image is a click, not a box
-METHOD = "gradcam"
 
 
 @dataclass
@@ -74,12 +74,17 @@ class QuizImage:
     inputs: list[np.ndarray]  # per run: its own prepared pixels at its image size
 
 
-@st.cache_data(max_entries=32, show_spinner="Grad-CAM of the five models ...")
+@st.cache_data(max_entries=32, show_spinner="The five models' maps ...")
 def model_maps(run_ids: tuple[str, ...], versions: tuple[float, ...], image_id: str, _explainers: list[CamExplainer],
                _inputs: list[np.ndarray], _display: np.ndarray, _mask: np.ndarray | None) -> ExplainedImage:
     """The models' maps of one image (the class each predicted), computed once for every student who gets it;
     `versions` (each model.pt's mtime) recomputes them for a resumed run."""
-    return explain_inputs(_explainers, _inputs, _display, METHOD, "predicted", _mask)
+    method = default_cam_method(min(image.shape[0] for image in _inputs))  # as the Explain page starts
+    return explain_inputs(_explainers, _inputs, _display, method, "predicted", _mask)
+
+
+def method_name(explained: ExplainedImage) -> str:
+    return CAM_METHODS[explained.results[0].method].display_name
 
 
 def quiz_runs(store: RunStore) -> list[dict]:
@@ -261,18 +266,19 @@ def reveal(quiz: QuizStore, runs: list[dict], image: QuizImage, dataset: str) ->
                    "still show it.")
     else:
         st.caption(f"Against the lesion (green outline, {image.mask.mean():.0%} of the image). On the lesion: your "
-                   "share of clicks (or of the box) inside it; a model's share of its Grad-CAM energy inside it. "
+                   "share of clicks (or of the box) inside it; a model's share of its "
+                   f"{method_name(explained)} energy inside it. "
                    "Pointing hit: your first click (or the box's centre); a map's peak. IoU: your box; a map's top "
                    "20% of pixels. —: nothing marked, or a map without a peak (all-zero or uniform, common at "
                    "small image sizes). Brier: (your P(malignant) − truth)², lower is better.")
 
 
 def show_maps(explained: ExplainedImage, image: QuizImage, marks: Marks) -> None:
-    """The student's marks and each model's Grad-CAM side by side, all with the lesion outline."""
+    """The student's marks and each model's map side by side, all with the lesion outline."""
     panels = explanation_panels(explained, show_mask=image.mask is not None)
     show_tiles([("You", describe_marks(marks), marks_overlay(image.display, [marks], image.mask))]
                + [(title, subtitle.replace("->", "→"), images[0]) for title, subtitle, images in panels])
-    st.caption("Grad-CAM of the class each model predicted (red: most important)"
+    st.caption(f"{method_name(explained)} of the class each model predicted (red: most important)"
                + (", lesion outline in green" if image.mask is not None else "") + "; your marks in cyan.")
 
 
@@ -385,8 +391,9 @@ def where_students_looked(answers: pd.DataFrame, per_image: pd.DataFrame, store:
     show_tiles([("Students", f"{marked} of {len(marks)} answer{'s' if len(marks) != 1 else ''} marked",
                  marks_overlay(image.display, marks, image.mask, opacity=0.6))]
                + [(title, subtitle.replace("->", "→"), images[0]) for title, subtitle, images in panels])
-    st.caption("All students' marks in cyan (crowded places are brighter) beside each model's Grad-CAM of the class "
-               "it predicted" + (", the lesion outlined in green." if image.mask is not None else "."))
+    st.caption("All students' marks in cyan (crowded places are brighter) beside each model's "
+               f"{method_name(explained)} of the class it predicted"
+               + (", the lesion outlined in green." if image.mask is not None else "."))
 
 
 def choose_images(quiz: QuizStore, data: PreparedData, dataset: str, pool: list[str]) -> None:
@@ -428,7 +435,8 @@ def main() -> None:
     tests = [store.predictions(run["run_id"]).query("split == 'test'")["image_id"].astype(str) for run in runs]
     pool = quiz_pool([[i for i in tests[0] if i in set(data.table["image_id"])], *tests[1:]])
     spec = (runs[0].get("dataset") or {}).get("spec")
-    st.caption(f"Test images of {dataset_label(DataSpec(**spec)) if spec else 'the runs’ dataset'}; the models: "
+    shown = dataset_label(DataSpec.from_dict(spec)) if spec else "the runs’ dataset"
+    st.caption(f"Test images of {shown}; the models: "
                + ", ".join(model_name(run) for run in runs) + " (the newest completed training run of each).")
     if not pool:
         st.warning("The runs share no test images that their dataset still holds; train them on one dataset.")

@@ -22,7 +22,7 @@ from pages.common import (
 
 NEXT_STEPS = [
     ("pages/compare.py", "Compare", ":material/compare_arrows:", "the five models' metrics, with intervals and tests"),
-    ("pages/explain.py", "Explain", ":material/visibility:", "where each model looks on a test image (Grad-CAM)"),
+    ("pages/explain.py", "Explain", ":material/visibility:", "where each model looks on a test image (CAMs)"),
     ("pages/audit.py", "Audit", ":material/fact_check:", "whether those maps can be trusted"),
     ("pages/data.py", "Data", ":material/photo_library:", "the images the models learnt from"),
 ]
@@ -67,7 +67,7 @@ def main() -> None:
     require_entrypoint()
     st.title("Start")
     st.caption("An explainability dashboard for skin-lesion classification: five CNNs tell benign from malignant, "
-               "and Grad-CAM shows where each one looks.")
+               "and class activation maps (Grad-CAM and kin) show where each one looks.")
     trained = runs_with_models(run_store())
     training = describe_batch(shared_job_queue().snapshot(), ALL_FIVE) is not None
     if trained:

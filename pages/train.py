@@ -8,7 +8,15 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
-from core.config import DEVICES, MODEL_NAMES, PAPER_IMAGE_SIZE, PRECISIONS, SYNTHETIC_TRAIN_SIZE
+from core.config import (
+    DEVICES,
+    MODEL_NAMES,
+    PAPER_IMAGE_SIZE,
+    PRECISIONS,
+    QUICK_LEARNING_RATE,
+    QUICK_MODEL_LEARNING_RATES,
+    SYNTHETIC_TRAIN_SIZE,
+)
 from core.figures import training_curves_figure
 from core.models import get_model_spec, pretrained_weights_available, weights_download_possible
 from core.runs import run_purpose
@@ -57,6 +65,10 @@ def on_preset_change() -> None:
     apply_preset(PRESET_LABELS[st.session_state["train.preset"] or "Quick demo"])
 
 
+def learning_rate_label(value) -> str:
+    return "auto" if value == "auto" else f"{value:.2e}"
+
+
 def hyperparameter_widgets() -> None:
     st.segmented_control("Preset", list(PRESET_LABELS), key="train.preset", default="Quick demo",
                          on_change=on_preset_change,
@@ -70,8 +82,12 @@ def hyperparameter_widgets() -> None:
         persistent(st.selectbox, "Image size", "image_size", quick.image_size or "auto", options=IMAGE_SIZES,
                    format_func=image_size_label)
     with second:
-        persistent(st.select_slider, "Learning rate", "lr", quick.lr, options=LEARNING_RATES,
-                   format_func=lambda v: f"{v:.2e}", help="AdamW learning rate, log scale")
+        persistent(st.select_slider, "Learning rate", "lr", quick.lr or "auto", options=["auto", *LEARNING_RATES],
+                   format_func=learning_rate_label,
+                   help="AdamW learning rate, log scale. auto: each model's quick-demo rate, "
+                        + ", ".join(f"{model_label(name)} {rate:.0e}"
+                                    for name, rate in QUICK_MODEL_LEARNING_RATES.items())
+                        + f", the others {QUICK_LEARNING_RATE:.0e} (what they need to learn the demo set in 5 epochs).")
         persistent(st.select_slider, "Weight decay", "weight_decay", quick.weight_decay, options=WEIGHT_DECAYS,
                    format_func=lambda v: "0" if v == 0 else f"{v:.2e}", help="AdamW weight decay, log scale")
         persistent(st.slider, "Dropout (Hybrid S-ResNet head)", "dropout", quick.dropout, min_value=0.0,

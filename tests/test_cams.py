@@ -3,6 +3,7 @@ apart, localisation on the synthetic lesions, the CLI and the Explain page."""
 
 import dataclasses
 import io
+import json
 import threading
 from pathlib import Path
 
@@ -125,9 +126,10 @@ def test_a_run_explainer_hooks_the_layer_for_its_image_size(trained):
     store, run, data = trained
     explainer = explainer_for_run(run, store.model_path(run["run_id"]))
     spec = MODEL_REGISTRY["hybrid_sresnet"]
-    assert explainer.target_layer is spec.small_input_layer(explainer.model), "96 px: the stage before the last"
-    result = explainer.explain(image_tensor(data.images[data.indices("test")[0]]), "gradcam", target=1)
-    assert result.layer == "backbone.layer3, 6×6"
+    assert explainer.target_layer is spec.small_input_layer(explainer.model), "96 px: the stride-8 stage"
+    result = explainer.explain(image_tensor(data.images[data.indices("test")[0]]), target=1)
+    assert result.layer == "backbone.layer2, 12×12"
+    assert result.method == explainer.default_method == "hirescam", "the registry's method for small inputs"
     unsized = CamExplainer(load_trained_model(run, store.model_path(run["run_id"])), "hybrid_sresnet")
     assert unsized.target_layer is spec.target_layer(unsized.model), "no size given: the last stage, as before"
 
@@ -159,6 +161,11 @@ def test_cli_explain_writes_the_figure(trained, tmp_path):
                  "--out", str(tmp_path / "out"), "--method", "gradcam++"]) == 0
     figure = Image.open(tmp_path / "out" / "lesion-gradcam++.png")
     assert figure.width > 224 and figure.height > 2 * 224
+    # Without --method: the Explain page's default for the run's size, on the run's own layer (96 px here).
+    assert main(["explain", "--image", str(tmp_path / "lesion.png"), "--runs-dir", str(store.root),
+                 "--out", str(tmp_path / "out")]) == 0
+    summary = json.loads((tmp_path / "out" / "lesion-hirescam.json").read_text())
+    assert [(row["method"], row["layer"]) for row in summary] == [("hirescam", "backbone.layer2, 12×12")]
     (tmp_path / "bad.png").write_bytes(b"not an image")
     assert main(["explain", "--image", str(tmp_path / "bad.png"), "--runs-dir", str(store.root)]) == 2
 
@@ -208,6 +215,7 @@ def test_explain_page_shows_the_row_and_measures(trained, monkeypatch):
     size = run["config"]["image_size"]
     assert size < SMALL_INPUT_SIZE and small_input_note(size) in [caption.value for caption in app.caption], \
         "a small model's maps say which layer they hook, and why"
+    assert app.selectbox(key="widget.cam_method").value == "hirescam", "the registry's method for a 96 px model"
     app.selectbox(key="explain.browse").set_value("Wrong").run()
     assert not app.exception
     app.selectbox(key="widget.cam_method").set_value("eigencam").run()
@@ -389,10 +397,30 @@ def test_an_explainer_hooks_a_layer_named_in_place_of_the_registrys():
     model.eval()
     image = torch.randn(1, 3, 96, 96, generator=torch.Generator().manual_seed(0))
     registry = CamExplainer(model, "resnet18", image_size=96)
-    named = CamExplainer(model, "resnet18", image_size=96, layer="layer2")
-    assert registry.target_layer is registry.model.layer3[-1]
-    assert named.target_layer is named.model.layer2 and named.layer.describe() == "layer2"
-    result = named.explain(image, "layercam", target=1)
-    assert result.layer == "layer2" and result.cam.shape == (96, 96)
+    named = CamExplainer(model, "resnet18", image_size=96, layer="layer3")
+    assert registry.target_layer is registry.model.layer2[-1]
+    assert named.target_layer is named.model.layer3 and named.layer.describe() == "layer3"
+    result = named.explain(image, "gradcam", target=1)
+    assert result.layer == "layer3" and result.cam.shape == (96, 96)
+    assert CamExplainer(model, "resnet18", image_size=224).default_method == "gradcam", "the paper's, from 128 px"
     with pytest.raises(ValueError, match="no layer 'layer9'"):
         CamExplainer(model, "resnet18", image_size=96, layer="layer9")
+
+
+def test_the_figures_subtitles_wrap_within_their_tile():
+    """The PNG figure (Explain's download, `explain`, `predict --cams`) names method and layer under each title:
+    long subtitles wrap within their own tile instead of running into the next column."""
+    from PIL import ImageDraw, ImageFont
+
+    from core.figures import _wrapped, labelled_grid
+
+    tile = np.zeros((32, 32, 3), dtype=np.uint8)
+    short = labelled_grid([("A", "P(malignant) 0.500 -> benign", [tile])], tile=160)
+    subtitle = "P(malignant) 0.912 -> malignant | HiResCAM on backbone.layer2, 12×12 | all-zero map"
+    long = labelled_grid([("A", subtitle, [tile]), ("B", subtitle, [tile])], tile=160)
+    assert long.shape[0] > short.shape[0], "the header grows with the lines"
+    font = ImageFont.load_default(size=12)
+    draw = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    lines = _wrapped(draw, subtitle.split(" | "), font, 160)
+    assert len(lines) >= 2 and all(draw.textlength(text, font=font) <= 160 for text in lines)
+    assert " ".join(lines).replace(" | ", " ") == subtitle.replace(" | ", " ")

@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import subprocess
 import sys
@@ -46,6 +47,23 @@ def test_paper_preset(tmp_path):
     run = json.loads(next(tmp_path.glob("*/run.json")).read_text())
     assert run["config"]["lr"] == 2.52e-4 and run["config"]["weight_decay"] == 1.99e-6
     assert run["config"]["image_size"] == 32, "an explicit flag wins over the preset"
+
+
+def test_the_quick_demo_gives_each_model_its_own_learning_rate(tmp_path):
+    """lr left automatic: EfficientNet-B0 gets the larger step it needs to learn the demo set in 5 epochs, the
+    others 1e-3; run.json records the rate used, and an explicit --lr or the paper preset wins."""
+    from core.config import PAPER_PRESET, DataSpec, TrainConfig
+
+    assert TrainConfig(model="efficientnet_b0").resolved(DataSpec()).lr == 3e-3
+    assert TrainConfig(model="resnet50").resolved(DataSpec()).lr == 1e-3
+    assert TrainConfig(model="efficientnet_b0", lr=5e-4).learning_rate == 5e-4
+    assert dataclasses.replace(PAPER_PRESET, model="efficientnet_b0").learning_rate == 2.52e-4
+    assert main(["train", "--model", "efficientnet_b0", *TINY_FLAGS, "--runs-dir", str(tmp_path / "auto")]) == 0
+    assert main(["train", "--model", "efficientnet_b0", *TINY_FLAGS, "--runs-dir", str(tmp_path / "set"),
+                 "--lr", "0.002"]) == 0
+    recorded = [json.loads(next((tmp_path / name).glob("*/run.json")).read_text())["config"]["lr"]
+                for name in ("auto", "set")]
+    assert recorded == [3e-3, 0.002]
 
 
 @pytest.mark.parametrize("arguments, message", [

@@ -85,7 +85,8 @@ def explained_probabilities(store: RunStore, run: dict) -> list[tuple[float, flo
     """(stored, explained) P(malignant) of the first test images, through the Explain page's code path:
     the run's dataset prepared as the run prepared it, `run_model_input`, `explainer_for_run`, `explain_inputs`."""
     assert run["status"] == "completed", run.get("error")
-    data = prepare_data(DataSpec(**run["dataset"]["spec"]), TrainConfig.from_dict(run["config"]), store.cache_dir)
+    data = prepare_data(DataSpec.from_dict(run["dataset"]["spec"]), TrainConfig.from_dict(run["config"]),
+                        store.cache_dir)
     explainer = explainer_for_run(run, store.model_path(run["run_id"]))
     predictions = store.predictions(run["run_id"])
     test = predictions[predictions["split"] == "test"].head(IMAGES_PER_RUN)

@@ -111,7 +111,7 @@ def test_training_evaluation_with_folding_matches_it_without(precision, toleranc
 
 
 @pytest.mark.parametrize("name", ["resnet50", "densenet121", "efficientnet_b0"])
-@pytest.mark.parametrize("method", ["gradcam", "layercam"])
+@pytest.mark.parametrize("method", ["gradcam", "hirescam", "layercam"])
 def test_cams_on_the_folded_model_match_the_unfolded_ones(name, method, monkeypatch):
     model = trained_looking(name, seed=4)
     images = torch.randn(3, 3, 96, 96, generator=torch.Generator().manual_seed(5))
@@ -123,6 +123,8 @@ def test_cams_on_the_folded_model_match_the_unfolded_ones(name, method, monkeypa
         expected, got = unfolded.explain(image[None], method), folded.explain(image[None], method)
         assert got.target_class == expected.target_class
         assert got.probability == pytest.approx(expected.probability, abs=1e-5)
+        # The 96 px maps hook the stride-8 stage: their gradients pass through every folded layer above it, and
+        # float32 rounding of the folded weights adds up to a few thousandths of the peak (a wrong fold: all of it).
         scale = float(np.abs(expected.cam).max()) or 1.0
-        assert np.abs(got.cam - expected.cam).max() <= 1e-3 * scale
+        assert np.abs(got.cam - expected.cam).max() <= 5e-3 * scale
     np.testing.assert_allclose(folded.probabilities(images), unfolded.probabilities(images), atol=1e-5)

@@ -14,8 +14,10 @@ from core.models import (
     build_model,
     cached_imagenet_path,
     cam_layer,
+    default_cam_method,
     get_model_spec,
     pretrained_weights_available,
+    small_input_note,
     weights_download_possible,
 )
 from tests.conftest import write_crafted_pickle
@@ -36,8 +38,8 @@ def test_every_model_gives_two_logits_and_a_grad_cam_layer(name):
 @pytest.mark.parametrize("name", list(MODEL_REGISTRY))
 @pytest.mark.parametrize("size", [64, 96, SMALL_INPUT_SIZE, 224])
 def test_the_cam_layer_gives_the_map_size_it_names(name, size):
-    """Below SMALL_INPUT_SIZE the maps hook the stride-16 stage before the last; the registry's name, stride and
-    map size agree with the module's actual output."""
+    """Below SMALL_INPUT_SIZE the maps hook a stride-8 stage; the registry's name, stride and map size agree with
+    the module's actual output."""
     model, _ = build_model(name, pretrained=False)
     layer = cam_layer(get_model_spec(name), model.eval(), size)
     outputs = []
@@ -46,11 +48,21 @@ def test_the_cam_layer_gives_the_map_size_it_names(name, size):
         model(torch.randn(1, 3, size, size))
     handle.remove()
     small = size < SMALL_INPUT_SIZE
-    assert layer.stride == (16 if small else 32)
+    assert layer.stride == (8 if small else 32)
     assert layer.name == get_model_spec(name).layer_names[0 if not small else 1]
     assert tuple(outputs[0][2:]) == (layer.map_size, layer.map_size) == (-(-size // layer.stride),) * 2
     if not small:
         assert layer.module is get_model_spec(name).target_layer(model)
+
+
+def test_small_inputs_start_from_hirescam_and_say_why():
+    """The registry's metadata: below SMALL_INPUT_SIZE the maps hook the stride-8 stage with HiResCAM, from it on
+    the last stage with the paper's Grad-CAM; the page's note names both."""
+    assert default_cam_method(96) == "hirescam" and default_cam_method(SMALL_INPUT_SIZE) == "gradcam"
+    assert default_cam_method(None) == "gradcam"
+    note = small_input_note(96)
+    assert "3×3" in note and "12×12" in note and "HiResCAM" in note
+    assert small_input_note(224) == ""
 
 
 def test_hybrid_sresnet_is_the_papers_architecture():

@@ -102,6 +102,7 @@ def test_stored_results_are_shown_at_once_without_recomputing(store, trained, mo
 
 def test_the_audit_runs_in_the_queue_and_its_results_appear(store):
     app = open_page("audit")
+    assert app.multiselect(key="widget.audit_methods").value == ["hirescam"], "what Explain shows a 32 px run"
     app.multiselect(key="widget.audit_checks").set_value(["randomisation"]).run()
     app.number_input(key="widget.audit_images").set_value(4).run()
     app.number_input(key="widget.audit_steps").set_value(2).run()
@@ -139,20 +140,20 @@ def test_masks_matching_no_image_fail_the_audit_with_a_message(store, tmp_path):
 
 def write_randomisation_result(store: RunStore, run: dict, fails: bool, spearman: float) -> None:
     save_result(store.root / run["run_id"], {
-        "check": "randomisation", "method": "gradcam", "key": f"test{int(fails)}", "run_id": run["run_id"],
+        "check": "randomisation", "method": "hirescam", "key": f"test{int(fails)}", "run_id": run["run_id"],
         "model": run["model"], "seed": 0, "images": ["a", "b", "c"], "settings": {"steps": 2}, "seconds": 1.0,
         "summary": {"fails": fails, "final_spearman": spearman, "fail_threshold": 0.5}, "per_image": []})
 
 
 def test_the_explain_page_flags_a_map_that_fails_the_sanity_check(store, trained):
     _, run = trained
-    app = open_page("explain")
-    assert any("Grad-CAM of ResNet18 not audited yet" in text for text in texts(app.caption))
+    app = open_page("explain")  # 32 px runs: the page starts from HiResCAM, and flags that method's verdict
+    assert any("HiResCAM of ResNet18 not audited yet" in text for text in texts(app.caption))
     assert not app.warning
 
     write_randomisation_result(store, run, fails=True, spearman=0.83)
     app = open_page("explain")
-    assert any(text.startswith("Grad-CAM fails the randomisation sanity check for this model (Spearman 0.83 with "
+    assert any(text.startswith("HiResCAM fails the randomisation sanity check for this model (Spearman 0.83 with "
                                "the trained maps after the whole network is randomised")
                and text.endswith("do not trust this map.") for text in texts(app.warning))
 

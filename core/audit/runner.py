@@ -107,7 +107,7 @@ def run_data(run: dict, store: RunStore, cache: dict | None = None) -> PreparedD
     recorded = (run.get("dataset") or {}).get("spec")
     if recorded is None:
         raise ValueError(f"run {run['run_id']} does not record its dataset (trained by an older version)")
-    spec = DataSpec(**recorded)
+    spec = DataSpec.from_dict(recorded)
     key = (json.dumps(spec.to_dict(), sort_keys=True, default=str), config.image_size, config.split,
            config.val_fraction, config.seed, config.max_images)
     if cache is not None and key in cache:

@@ -337,11 +337,7 @@ def describe_given_split(data: PreparedData, config: TrainConfig) -> str | None:
 
 
 def _prepare_synthetic(spec: DataSpec, config: TrainConfig, cache_dir) -> PreparedData:
-    options = {
-        "count": spec.synthetic_count, "image_size": spec.synthetic_image_size, "seed": spec.synthetic_seed,
-        "malignant_fraction": spec.synthetic_malignant_fraction,
-        "confounder_fraction": spec.confounder_fraction, "confounder_kind": spec.confounder_kind,
-    }
+    options = spec.synthetic_options()
     generated = load_or_generate_synthetic(cache_dir, **options)
     # Hashed at the drawing size, so the near-duplicates (and the split) do not depend on the training size.
     hashes = load_or_hash_images(

@@ -198,7 +198,7 @@ def external_predictions(store: RunStore, run_id: str, key: str) -> pd.DataFrame
 def external_spec(store: RunStore, run_id: str, key: str) -> DataSpec | None:
     """How the external set was loaded (for its metadata: subgroups), or None when not recorded."""
     record = stored_record(store, run_id, key) or {}
-    return DataSpec(**record["spec"]) if record.get("spec") else None
+    return DataSpec.from_dict(record["spec"]) if record.get("spec") else None
 
 
 @dataclass(frozen=True)

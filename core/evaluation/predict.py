@@ -205,16 +205,18 @@ def _report(progress, done: int, total: int, text: str) -> None:
 
 
 def write_cam_figures(runs: list[dict], store: RunStore, paths: Sequence[str | Path], out_dir: str | Path,
-                      method: str = "gradcam", result: PredictionResult | None = None,
+                      method: str | None = None, result: PredictionResult | None = None,
                       progress: Progress | None = None, stop: threading.Event | None = None) -> list[Path]:
     """One PNG per readable image: each run's map of it side by side (heatmap over contours, the Explain
     page's figure), each model at its own input size. With `result`, a model's subtitle says when the image
-    is out of its distribution. Returns the files written; unreadable images are left out."""
+    is out of its distribution. Returns the files written; unreadable images are left out. `method` None: the
+    Explain page's default for these runs."""
     from PIL import Image
 
-    from core.cams import CAM_METHODS, explain_inputs, explainer_for_run, explanation_panels
+    from core.cams import CAM_METHODS, default_run_method, explain_inputs, explainer_for_run, explanation_panels
     from core.figures import labelled_grid
 
+    method = method or default_run_method(runs)
     if method not in CAM_METHODS:
         raise ValueError(f"unknown CAM method {method!r} (choose from {', '.join(CAM_METHODS)})")
     out = Path(out_dir)

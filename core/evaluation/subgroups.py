@@ -177,7 +177,7 @@ def skin_tone_angles(spec: DataSpec, image_ids: Sequence[str], cache_dir: Path |
     second call decodes nothing."""
     ids = [str(image_id) for image_id in image_ids]
     if spec.is_synthetic:
-        options = _synthetic_options(spec)
+        options = spec.synthetic_options()
         key_text = json.dumps({"synthetic": options, "version": ITA_METHOD_VERSION}, sort_keys=True)
         table = None
     else:
@@ -204,14 +204,8 @@ def skin_tone_angles(spec: DataSpec, image_ids: Sequence[str], cache_dir: Path |
                      dtype=np.float64)
 
 
-def _synthetic_options(spec: DataSpec) -> dict:
-    return {"count": spec.synthetic_count, "image_size": spec.synthetic_image_size, "seed": spec.synthetic_seed,
-            "malignant_fraction": spec.synthetic_malignant_fraction,
-            "confounder_fraction": spec.confounder_fraction, "confounder_kind": spec.confounder_kind}
-
-
 def _measure_synthetic(spec: DataSpec, image_ids: list[str], cache_dir) -> dict[str, float]:
-    generated = load_or_generate_synthetic(cache_dir, **_synthetic_options(spec))
+    generated = load_or_generate_synthetic(cache_dir, **spec.synthetic_options())
     angles = {}
     for image_id in image_ids:
         match = re.fullmatch(r"synthetic_(\d+)", image_id)

@@ -180,7 +180,7 @@ def fit(model: nn.Module, train: TensorData, val: TensorData, config: TrainConfi
     loop in step with the others, and all of them reach the same history and best epoch."""
     generator = torch.Generator().manual_seed(config.seed)
     criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
     steps = steps_per_epoch(len(train), config.batch_size, context.world_size)
     scheduler = (torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs * steps)
                  if config.scheduler else None)
@@ -275,7 +275,7 @@ def run_training(config: TrainConfig, data: PreparedData, store: RunStore,
     """
     callback = _callback_of(callbacks, context)
     stop = stop or threading.Event()
-    config = _match_image_size(config, data)
+    config = dataclasses.replace(_match_image_size(config, data), lr=config.learning_rate)  # run.json names both
     context.check_batch_size(config.batch_size, len(data.indices("train")))
     torch.manual_seed(config.seed)
     model, weights = _build_on_main_first(context, lambda: build_model(
@@ -399,7 +399,7 @@ def recorded_data_spec(run: dict) -> DataSpec:
     spec = (run.get("dataset") or {}).get("spec")
     if spec is None:
         raise ResumeError("the run does not record how its dataset was loaded (trained by an older version)")
-    return DataSpec(**spec)
+    return DataSpec.from_dict(spec)
 
 
 def _load_run_data(run: dict, config: TrainConfig, store: RunStore) -> PreparedData:
