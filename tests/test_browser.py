@@ -142,10 +142,27 @@ SESSIONS = 10
 MEMORY_GROWTH_LIMIT_MIB = 300  # ten sessions over one, on the server (measured: 75); models and data are shared
 
 
+def same_figure(first: bytes, second: bytes) -> bool:
+    """The same PNG figure up to float rounding. Sessions at once compute their maps beside other OpenMP thread
+    teams, whose reductions can round differently: measured, 1-100 of 630,000 pixel values 1-2 levels apart
+    (HiResCAM on a stride-8 stage multiplies activations and gradients element by element). A session shown
+    another image, model or method differs almost everywhere."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    a, b = (np.asarray(Image.open(io.BytesIO(data)).convert("RGB")).astype(int) for data in (first, second))
+    if a.shape != b.shape:
+        return False
+    difference = np.abs(a - b)
+    return int(difference.max()) <= 8 and float((difference > 0).mean()) < 1e-3
+
+
 @pytest.mark.slow
 def test_ten_sessions_at_once_on_explain_and_compare(five_runs, runs_dir, tmp_path):
-    """Ten browsers open Explain and then Compare at the same moment. Each gets exactly the figure one
-    session alone gets and the table the engine computes; the five models are loaded once; the server's
+    """Ten browsers open Explain and then Compare at the same moment. Each gets the figure one session alone
+    gets (up to float rounding) and exactly the table the engine computes; the five models are loaded once; the server's
     memory stays bounded."""
     import asyncio
     import threading
@@ -221,7 +238,7 @@ def test_ten_sessions_at_once_on_explain_and_compare(five_runs, runs_dir, tmp_pa
           f"peak {peak['mib']:.0f} MiB")
     assert alone[1] == expected_csv
     for figure, table in together:
-        assert figure == alone[0], "a session got a different Grad-CAM figure"
+        assert same_figure(figure, alone[0]), "a session got a different CAM figure"
         assert table == expected_csv, "a session got a different comparison table"
     assert log.read_text().count("loaded the model of run") == len(runs), "each model is loaded once"
     assert peak["mib"] - after_one < MEMORY_GROWTH_LIMIT_MIB
