@@ -10,6 +10,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from core.data.synthetic import CENTRED_LESION_SPREAD, LESION_SPREAD
+
 MODEL_NAMES = ("resnet18", "resnet50", "densenet121", "efficientnet_b0", "hybrid_sresnet")
 PRECISIONS = ("auto", "fp32", "bf16")
 DEVICES = ("auto", "cpu", "cuda", "mps")
@@ -45,7 +47,7 @@ class DataSpec:
     confounder_fraction: float = 0.0  # share of malignant images given a shortcut artifact
     confounder_kind: str = "ink"  # ink or ruler
     # Lesion centres lie anywhere within this distance of the image's centre (1 is the edge): core.data.synthetic
-    synthetic_lesion_spread: float = 0.45
+    synthetic_lesion_spread: float = LESION_SPREAD
 
     @property
     def is_synthetic(self) -> bool:
@@ -66,7 +68,7 @@ class DataSpec:
         """A spec as a run recorded it. Runs stored before lesions were placed anywhere drew them within 0.15
         of the centre: reloading their data (to resume, explain or audit them) must give the same images."""
         known = {f.name for f in dataclasses.fields(cls)}
-        values = {"synthetic_lesion_spread": 0.15, **values}
+        values = {"synthetic_lesion_spread": CENTRED_LESION_SPREAD, **values}
         return cls(**{k: v for k, v in values.items() if k in known})
 
 

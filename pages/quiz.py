@@ -15,6 +15,7 @@ from core.cams import (
     CAM_METHODS,
     CamExplainer,
     ExplainedImage,
+    default_run_method,
     explain_inputs,
     explanation_panels,
     resize_image,
@@ -25,7 +26,7 @@ from core.config import DataSpec
 from core.data.datasets import DatasetError, PreparedData
 from core.evaluation.compare import default_comparison_runs
 from core.figures import marks_overlay, quiz_answerers_figure
-from core.models import default_cam_method, get_model_spec
+from core.models import get_model_spec
 from core.quiz.questions import next_image, quiz_pool
 from core.quiz.scoring import (
     Marks,
@@ -75,11 +76,11 @@ class QuizImage:
 
 
 @st.cache_data(max_entries=32, show_spinner="The five models' maps ...")
-def model_maps(run_ids: tuple[str, ...], versions: tuple[float, ...], image_id: str, _explainers: list[CamExplainer],
+def model_maps(run_ids: tuple[str, ...], versions: tuple[float, ...], image_id: str, method: str,
+               _explainers: list[CamExplainer],
                _inputs: list[np.ndarray], _display: np.ndarray, _mask: np.ndarray | None) -> ExplainedImage:
     """The models' maps of one image (the class each predicted), computed once for every student who gets it;
     `versions` (each model.pt's mtime) recomputes them for a resumed run."""
-    method = default_cam_method(min(image.shape[0] for image in _inputs))  # as the Explain page starts
     return explain_inputs(_explainers, _inputs, _display, method, "predicted", _mask)
 
 
@@ -223,8 +224,9 @@ def maps_of(runs: list[dict], image: QuizImage) -> ExplainedImage:
     store = run_store()
     versions = tuple(store.model_path(run["run_id"]).stat().st_mtime for run in runs)
     explainers = [cached_explainer(str(store.root), run["run_id"], version) for run, version in zip(runs, versions)]
-    return model_maps(tuple(run["run_id"] for run in runs), versions, image.image_id, explainers, image.inputs,
-                      image.display, image.mask)
+    # One method for the row, the one the Explain page starts from for these runs.
+    return model_maps(tuple(run["run_id"] for run in runs), versions, image.image_id, default_run_method(runs),
+                      explainers, image.inputs, image.display, image.mask)
 
 
 def answer_form(quiz: QuizStore, runs: list[dict], image: QuizImage, dataset: str, number: int) -> None:
