@@ -20,20 +20,10 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from bench.demo_training import GOAL_ENERGY_RATIO, GOAL_POINTING, blind_centre_map  # noqa: E402
-from core.cams import (  # noqa: E402
-    CamExplainer,
-    batch_measures,
-    energy_inside,
-    load_trained_model,
-    pointing_game_hit,
-    run_image_size,
-    run_precision,
-)
-from core.config import TrainConfig  # noqa: E402
-from core.data.datasets import prepare_data  # noqa: E402
+from core.cams import CamExplainer, batch_measures, energy_inside, pointing_game_hit  # noqa: E402
 from core.models import cam_layer_name, get_model_spec  # noqa: E402
 from core.runs import RunStore  # noqa: E402
-from core.training.loop import recorded_data_spec  # noqa: E402
+from core.stored_run import load_run_data, load_trained_model, run_image_size, run_precision  # noqa: E402
 
 # The stages the registry's small-input layer (stride 8) was chosen against: the stride-16 stage it hooked
 # before, and EfficientNet-B0's stride-4 stage.
@@ -65,7 +55,7 @@ def main() -> int:
     for run in sorted(store.list_runs(), key=lambda run: run["created_at"]):
         if run.get("status") != "completed" or (args.models and run["model"] not in args.models):
             continue
-        data = prepare_data(recorded_data_spec(run), TrainConfig.from_dict(run["config"]), store.cache_dir)
+        data = load_run_data(run, store)
         if data.masks is None:
             print(f"{run['model']:<16} no lesion masks in run {run['run_id']}'s dataset")
             continue

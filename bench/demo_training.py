@@ -73,12 +73,10 @@ def print_localisation(runs_dir: Path) -> None:
     """The map of the malignant class (the registry's method) on each run's malignant test images against the
     lesion masks: pointing game, energy inside the lesion and the lesion's area share (what a map blind to the
     lesion would score), split into images with and without the planted shortcut when there is one."""
-    from core.cams import batch_measures, energy_inside, explainer_for_run, pointing_game_hit, run_image_size
-    from core.config import TrainConfig
-    from core.data.datasets import prepare_data
+    from core.cams import batch_measures, energy_inside, explainer_for_run, pointing_game_hit
     from core.models import cam_layer_name, get_model_spec
     from core.runs import RunStore
-    from core.training.loop import recorded_data_spec
+    from core.stored_run import load_run_data, run_image_size
 
     store = RunStore(runs_dir)
     print(f"\nMaps on the malignant test images (goal: pointing game >= {GOAL_POINTING}, energy inside >= "
@@ -89,7 +87,7 @@ def print_localisation(runs_dir: Path) -> None:
     for run in sorted(store.list_runs(), key=lambda run: run["created_at"]):
         if run.get("status") != "completed":
             continue
-        data = prepare_data(recorded_data_spec(run), TrainConfig.from_dict(run["config"]), store.cache_dir)
+        data = load_run_data(run, store)
         rows = data.indices("test")
         rows = rows[data.table["label"].to_numpy()[rows] == 1]
         confounded = data.table["confounded"].to_numpy()[rows] if "confounded" in data.table else None

@@ -17,7 +17,6 @@ import io
 import logging
 import math
 import threading
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,16 +42,15 @@ from scipy import stats as scipy_stats
 from torch import nn
 
 from core.data.augment import normalise
-from core.data.datasets import PreparedData
 from core.data.images import decode_image
 from core.models import (
-    build_model,
     cam_layer,
     default_cam_method,
     fold_batch_norms,
     get_model_spec,
     named_cam_layer,
 )
+from core.stored_run import EVALUATION_PRECISIONS, load_trained_model, run_image_size, run_precision
 
 logger = logging.getLogger(__name__)
 
@@ -133,7 +131,6 @@ class CamCancelled(RuntimeError):
     """A slow CAM stopped on request between two of its forward passes."""
 
 
-PRECISIONS = ("fp32", "bf16")
 
 
 class ForwardPassProgress:
@@ -192,8 +189,8 @@ class CamExplainer:
 
     def __init__(self, model: nn.Module, model_name: str, precision: str = "fp32",
                  image_size: int | None = None, layer: str | None = None) -> None:
-        if precision not in PRECISIONS:
-            raise ValueError(f"unknown precision {precision!r} (choose from {', '.join(PRECISIONS)})")
+        if precision not in EVALUATION_PRECISIONS:
+            raise ValueError(f"unknown precision {precision!r} (choose from {', '.join(EVALUATION_PRECISIONS)})")
         self.model_name = model_name
         self.precision = precision
         self.model = copy.deepcopy(model).float().eval()
@@ -315,24 +312,6 @@ class CamExplainer:
         return float(np.asarray(score).reshape(-1)[0])
 
 
-def load_trained_model(run: dict, model_path: Path | str, device: str | torch.device = "cpu") -> nn.Module:
-    """A stored run's model with its best weights (torch.load with weights_only=True), on `device`."""
-    started = time.perf_counter()
-    config = run.get("config") or {}
-    model, _ = build_model(run["model"], dropout=float(config.get("dropout", 0.0)), pretrained=False)
-    try:
-        state_dict = torch.load(model_path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise ValueError(f"run {run['run_id']} has no model.pt") from None
-    except Exception as error:  # noqa: BLE001 - a file that would run code, or a damaged one
-        raise ValueError(f"run {run['run_id']}: model.pt is not a plain state_dict ({error})") from None
-    model.load_state_dict(state_dict)
-    model.to(device)
-    # A server's log then shows how often models are loaded: once per run when caching works.
-    logger.info("loaded the model of run %s in %.2f s", run["run_id"], time.perf_counter() - started)
-    return model.eval()
-
-
 def explainer_for_run(run: dict, model_path: Path | str, device: str | torch.device = "cpu") -> CamExplainer:
     """The explainer of a stored run: its best weights, and the precision its predictions were computed in."""
     return CamExplainer(load_trained_model(run, model_path, device), run["model"], precision=run_precision(run),
@@ -342,33 +321,6 @@ def explainer_for_run(run: dict, model_path: Path | str, device: str | torch.dev
 def default_run_method(runs: list[dict]) -> str:
     """The CAM method pages and commands start from for these runs: the registry's for the smallest input."""
     return default_cam_method(min(run_image_size(run) for run in runs) if runs else None)
-
-
-def run_precision(run: dict) -> str:
-    """The precision of the run's evaluation as run.json's environment records it (fp32 when it does not)."""
-    precision = (run.get("environment") or {}).get("precision", "fp32")
-    return precision if precision in PRECISIONS else "fp32"
-
-
-def run_image_size(run: dict) -> int:
-    return int((run.get("config") or {})["image_size"])
-
-
-def run_model_input(run: dict, data: PreparedData, image_id: str) -> np.ndarray:
-    """The exact pixels the run evaluated for `image_id`: its dataset's prepared uint8 image at the run's
-    image size, as `prepare_data` gave it to training (not a display-size copy resized back, whose
-    pixels differ). Raises ValueError when `data` is not the run's dataset prepared at the run's size,
-    or does not hold the image."""
-    size = run_image_size(run)
-    if data.images.shape[1:3] != (size, size):
-        raise ValueError(f"the dataset was prepared at {data.images.shape[1]} px, run {run['run_id']} at {size} px")
-    recorded = (run.get("dataset") or {}).get("fingerprint")
-    if recorded and recorded != data.fingerprint:
-        raise ValueError(f"the dataset is not the one run {run['run_id']} was trained on")
-    rows = np.flatnonzero(data.table["image_id"].to_numpy() == image_id)
-    if not len(rows):
-        raise ValueError(f"image {image_id} is not in the dataset of run {run['run_id']}")
-    return data.images[rows[0]]
 
 
 def decoded_inputs(image_file: bytes, sizes: list[int]) -> list[np.ndarray]:
@@ -519,31 +471,6 @@ def explain_image(explainers: list[tuple[CamExplainer, int]], image_uint8: np.nd
     return explain_inputs([explainer for explainer, _ in explainers],
                           [resize_image(image_uint8, size) for _, size in explainers], image_uint8, method, target,
                           mask)
-
-
-def explanation_panels(explained: ExplainedImage, opacity: float = 0.5, colour_map: str = "jet",
-                       shared_scale: bool = False, show_mask: bool = False) -> list[tuple[str, str, list[np.ndarray]]]:
-    """(title, subtitle, [heatmap overlay, contour overlay]) per model."""
-    from core.figures import outline_mask
-
-    scale = shared_scale_maximum(explained.results) if shared_scale else None
-    base = explained.image
-    if show_mask and explained.mask is not None:
-        base = outline_mask(base, explained.mask)
-    panels = []
-    for result in explained.results:
-        heat = result.normalised(scale)
-        called = "malignant" if result.predicted_class else "benign"
-        subtitle = f"P(malignant) {result.probability:.3f} -> {called}"
-        method = CAM_METHODS[result.method].display_name if result.method in CAM_METHODS else result.method
-        subtitle += f" | {method}" + (f" on {result.layer}" if result.layer else "")
-        if result.all_zero:
-            subtitle += " | all-zero map"
-        elif result.uniform:
-            subtitle += " | uniform map"
-        panels.append((get_model_spec(result.model).display_name, subtitle,
-                       [overlay(base, heat, opacity, colour_map), contour_overlay(base, heat)]))
-    return panels
 
 
 def batch_measures(explainers: list[tuple[CamExplainer, int]], names: list[str], images: np.ndarray,

@@ -571,7 +571,7 @@ def command_compare(args: argparse.Namespace) -> int:
         print(f"test set: {external.describe()}", file=sys.stderr)
     print_table(comparison, args, store)
     if args.report:
-        from core.evaluation.report import write_html_report
+        from core.report import write_html_report
 
         try:
             path = write_html_report(comparison, args.report)
@@ -630,9 +630,9 @@ def command_explain(args: argparse.Namespace) -> int:
 
     from PIL import Image
 
-    from core.cams import CAM_METHODS, default_run_method, explain_image, explainer_for_run, explanation_panels
+    from core.cams import CAM_METHODS, default_run_method, explain_image, explainer_for_run
     from core.data.images import ImageError, decode_image
-    from core.figures import labelled_grid
+    from core.figures import explanation_panels, labelled_grid
 
     if args.method is not None and args.method not in CAM_METHODS:
         raise ValueError(f"unknown CAM method {args.method!r} (choose from {', '.join(CAM_METHODS)})")

@@ -8,8 +8,10 @@ import numpy as np
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
+from core.cams import CAM_METHODS, ExplainedImage, contour_overlay, overlay, shared_scale_maximum
 from core.data.datasets import CLASS_NAMES
-from core.evaluation.stats import format_interval, format_p_value
+from core.formatting import format_interval, format_p_value
+from core.models import get_model_spec
 
 # Importing streamlit makes its own template plotly's default; its colours are placeholders such as
 # "#000033" that only Streamlit's front end resolves. Every figure names its template, so that a
@@ -85,6 +87,29 @@ def outline_mask(image: np.ndarray, mask: np.ndarray, colour=MASK_OUTLINE_COLOUR
     outlined = image.copy()
     outlined[mask & ~interior] = colour
     return outlined
+
+
+def explanation_panels(explained: ExplainedImage, opacity: float = 0.5, colour_map: str = "jet",
+                       shared_scale: bool = False, show_mask: bool = False) -> list[tuple[str, str, list[np.ndarray]]]:
+    """(title, subtitle, [heatmap overlay, contour overlay]) per model."""
+    scale = shared_scale_maximum(explained.results) if shared_scale else None
+    base = explained.image
+    if show_mask and explained.mask is not None:
+        base = outline_mask(base, explained.mask)
+    panels = []
+    for result in explained.results:
+        heat = result.normalised(scale)
+        called = "malignant" if result.predicted_class else "benign"
+        subtitle = f"P(malignant) {result.probability:.3f} -> {called}"
+        method = CAM_METHODS[result.method].display_name if result.method in CAM_METHODS else result.method
+        subtitle += f" | {method}" + (f" on {result.layer}" if result.layer else "")
+        if result.all_zero:
+            subtitle += " | all-zero map"
+        elif result.uniform:
+            subtitle += " | uniform map"
+        panels.append((get_model_spec(result.model).display_name, subtitle,
+                       [overlay(base, heat, opacity, colour_map), contour_overlay(base, heat)]))
+    return panels
 
 
 MODEL_COLOURS = {"ResNet18": "#4c72b0", "ResNet50": "#dd8452", "DenseNet121": "#55a868", "EfficientNetB0": "#8172b3",

@@ -21,7 +21,6 @@ from core.evaluation.compare import (
     per_image_table,
 )
 from core.evaluation.external import INTERNAL_TEST, EvaluationOutcome, ExternalSet, common_external_sets, evaluate_runs
-from core.evaluation.report import report_html, shortfall_lines
 from core.evaluation.shift import shift_figures, shift_rows, shift_table
 from core.evaluation.subgroups import (
     comparison_dataset,
@@ -30,6 +29,7 @@ from core.evaluation.subgroups import (
     subgroup_choices,
 )
 from core.figures import BRUSH, PICKED, disagreement_scatter, probability_spread_chart, subgroup_forest_figure
+from core.report import report_html, shortfall_lines
 from core.runs import RunStore, is_ordinary_run, run_purpose
 from pages.common import (
     DATA_SPEC,

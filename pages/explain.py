@@ -26,12 +26,9 @@ from core.cams import (
     default_run_method,
     energy_inside,
     explain_inputs,
-    explanation_panels,
     pointing_game_hit,
     resize_image,
     resize_mask,
-    run_image_size,
-    run_model_input,
     shared_scale_maximum,
 )
 from core.config import DataSpec
@@ -40,9 +37,16 @@ from core.data.images import ImageError, decode_image
 from core.evaluation.compare import default_comparison_runs
 from core.evaluation.ood import describe_score
 from core.evaluation.predict import score_images
-from core.figures import colour_bar_figure, labelled_grid, localisation_bars_figure, pairwise_matrix_figure
+from core.figures import (
+    colour_bar_figure,
+    explanation_panels,
+    labelled_grid,
+    localisation_bars_figure,
+    pairwise_matrix_figure,
+)
 from core.models import get_model_spec, small_input_note
 from core.runs import RunStore, is_ordinary_run
+from core.stored_run import run_image_size, run_model_input
 from core.training.jobs import BackgroundTask
 from pages.common import (
     DATA_SPEC,

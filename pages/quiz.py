@@ -17,15 +17,13 @@ from core.cams import (
     ExplainedImage,
     default_run_method,
     explain_inputs,
-    explanation_panels,
     resize_image,
     resize_mask,
-    run_model_input,
 )
 from core.config import DataSpec
 from core.data.datasets import DatasetError, PreparedData
 from core.evaluation.compare import default_comparison_runs
-from core.figures import marks_overlay, quiz_answerers_figure
+from core.figures import explanation_panels, marks_overlay, quiz_answerers_figure
 from core.models import get_model_spec
 from core.quiz.questions import next_image, quiz_pool
 from core.quiz.scoring import (
@@ -40,6 +38,7 @@ from core.quiz.scoring import (
 )
 from core.quiz.store import ModelAnswer, QuizStore, new_session_token, quiz_store
 from core.runs import RunStore, is_ordinary_run
+from core.stored_run import run_model_input
 from pages.common import (
     QUIZ_MARKS,
     QUIZ_QUESTION,

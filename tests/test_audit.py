@@ -12,12 +12,13 @@ from core.audit.maps import compute_maps
 from core.audit.randomisation import cumulative_cuts, randomisation_check, similarity_rows
 from core.audit.runner import AuditSettings, choose_test_images, run_audit, run_data, run_inputs
 from core.audit.store import sanity_verdict, stored_results
-from core.cams import explainer_for_run, load_trained_model
+from core.cams import explainer_for_run
 from core.cli import main
 from core.config import DataSpec, TrainConfig
 from core.data.datasets import prepare_data
 from core.models import MODEL_REGISTRY, build_model
 from core.runs import RunStore, _json_safe
+from core.stored_run import load_trained_model
 from core.training.loop import run_training
 from tests.conftest import TINY_CONFIG, TINY_SYNTHETIC
 

@@ -121,7 +121,8 @@ def trained(tmp_path_factory):
 
 
 def test_a_run_explainer_hooks_the_layer_for_its_image_size(trained):
-    from core.cams import explainer_for_run, load_trained_model
+    from core.cams import explainer_for_run
+    from core.stored_run import load_trained_model
 
     store, run, data = trained
     explainer = explainer_for_run(run, store.model_path(run["run_id"]))
@@ -135,7 +136,7 @@ def test_a_run_explainer_hooks_the_layer_for_its_image_size(trained):
 
 
 def test_a_trained_model_looks_at_the_lesion_more_than_a_random_map(trained):
-    from core.cams import load_trained_model
+    from core.stored_run import load_trained_model
 
     store, run, data = trained
     assert run["metrics"]["test"]["auc"] > 0.8
@@ -172,7 +173,7 @@ def test_cli_explain_writes_the_figure(trained, tmp_path):
 
 def test_explain_image_resizes_maps_back(trained):
     store, run, data = trained
-    from core.cams import load_trained_model
+    from core.stored_run import load_trained_model
 
     explainer = CamExplainer(load_trained_model(run, store.model_path(run["run_id"])), "hybrid_sresnet")
     big = np.asarray(Image.fromarray(data.images[0]).resize((224, 224)))
@@ -185,7 +186,7 @@ def test_explain_image_resizes_maps_back(trained):
 
 
 def test_a_crafted_model_file_is_refused_not_executed(trained, tmp_path):
-    from core.cams import load_trained_model
+    from core.stored_run import load_trained_model
 
     store, run, _ = trained
     crafted, marker = tmp_path / "model.pt", tmp_path / "pwned"
@@ -283,7 +284,8 @@ def test_explain_page_without_runs(tmp_path, monkeypatch):
 
 
 def test_batch_measures_average_over_images(trained):
-    from core.cams import batch_measures, load_trained_model
+    from core.cams import batch_measures
+    from core.stored_run import load_trained_model
 
     store, run, data = trained
     explainer = CamExplainer(load_trained_model(run, store.model_path(run["run_id"])), "hybrid_sresnet")

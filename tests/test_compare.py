@@ -11,7 +11,7 @@ from streamlit.testing.v1 import AppTest
 from core.cli import main
 from core.data.datasets import prepare_data
 from core.evaluation.compare import build_comparison, comparison_figures, default_comparison_runs
-from core.evaluation.report import write_html_report
+from core.report import write_html_report
 from core.training.loop import run_training
 from tests.conftest import TINY_CONFIG, TINY_SYNTHETIC
 
@@ -95,8 +95,8 @@ def test_report_made_where_streamlit_is_imported_has_the_model_colours_and_names
     import plotly.io as pio
     import streamlit  # noqa: F401 - its import is what changed the default template
 
-    from core.evaluation.report import report_html
     from core.figures import MODEL_COLOURS
+    from core.report import report_html
 
     assert pio.templates.default == "streamlit"
     comparison = build_comparison(trained, default_comparison_runs(trained.list_runs()), resamples=50)
@@ -120,8 +120,8 @@ def test_report_made_where_streamlit_is_imported_has_the_model_colours_and_names
 
 
 def test_p_values_are_written_one_way_everywhere(trained):
-    from core.evaluation.stats import format_p_value
     from core.figures import p_value_matrix_figure
+    from core.formatting import format_p_value
 
     assert [format_p_value(p) for p in (0.0, 0.00099, 0.001, 0.0271757, 0.5, 1.0, float("nan"))] == [
         "< 0.001", "< 0.001", "0.001", "0.027", "0.500", "1.000", "--"]
@@ -137,7 +137,7 @@ def without_timestamp(text: str) -> str:
 
 
 def test_cli_and_page_write_the_same_report_and_state_the_operating_point(trained, tmp_path, capsys):
-    from core.evaluation.report import report_html
+    from core.report import report_html
 
     runs = default_comparison_runs(trained.list_runs())
     assert main(["compare", "--runs-dir", str(trained.root), "--sensitivity", "0.9",

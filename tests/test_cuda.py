@@ -27,12 +27,13 @@ import torch
 import core.audit.runner
 from core.audit.maps import compute_maps
 from core.audit.runner import AuditSettings, run_audit
-from core.cams import explainer_for_run, image_tensor, run_model_input
+from core.cams import explainer_for_run, image_tensor
 from core.config import DataSpec, TrainConfig
 from core.data.datasets import prepare_data
 from core.environment import device_name
 from core.models import MODEL_REGISTRY
 from core.runs import RunStore
+from core.stored_run import run_model_input
 from core.training.loop import resume_training, run_training
 from core.training.precision import bf16_supported
 from tests.conftest import CUDA_TESTS_ON_CPU

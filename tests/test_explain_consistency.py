@@ -14,18 +14,12 @@ import pytest
 from PIL import Image
 from streamlit.testing.v1 import AppTest
 
-from core.cams import (
-    decoded_inputs,
-    explain_inputs,
-    explainer_for_run,
-    resize_image,
-    run_model_input,
-    run_precision,
-)
+from core.cams import decoded_inputs, explain_inputs, explainer_for_run, resize_image
 from core.config import DataSpec, TrainConfig
 from core.data.datasets import prepare_data
 from core.models import MODEL_REGISTRY
 from core.runs import RunStore
+from core.stored_run import run_model_input, run_precision
 from core.training.loop import run_training
 from tests.conftest import TINY_CONFIG
 
@@ -59,7 +53,7 @@ def bf16_runs(fp32_runs, tmp_path_factory):
 
     import torch
 
-    from core.cams import load_trained_model
+    from core.stored_run import load_trained_model
     from core.training.batches import TensorData
     from core.training.loop import _final_metrics
     from core.training.precision import ExecutionPlan

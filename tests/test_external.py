@@ -106,14 +106,12 @@ def test_each_run_sees_the_images_at_its_own_size(tmp_path, capsys, two_runs):
 def test_the_runs_own_predictions_are_reproduced_by_the_same_path(tmp_path, capsys, two_runs):
     """apply_run on a run's own test images gives its predictions.csv: external numbers are computed the
     way the internal ones were."""
-    from core.config import TrainConfig
-    from core.data.datasets import prepare_data
-    from core.training.loop import recorded_data_spec
+    from core.stored_run import load_run_data
 
     runs_dir, small, _ = two_runs
     store = RunStore(runs_dir)
     run = store.load(small)
-    data = prepare_data(recorded_data_spec(run), TrainConfig.from_dict(run["config"]), store.cache_dir)
+    data = load_run_data(run, store)
     rows = data.indices("test")
     outputs = apply_run(run, store, data.images[rows])
     stored = store.predictions(small).query("split == 'test'").set_index("image_id")

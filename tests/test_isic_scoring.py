@@ -12,7 +12,8 @@ import pytest
 from sklearn import metrics as skm
 
 from core.cli import main
-from core.evaluation.isic import (
+from core.runs import RunStore
+from core.stats.isic import (
     ISIC_METRIC_NAMES,
     auc_sens_80,
     average_precision,
@@ -20,9 +21,8 @@ from core.evaluation.isic import (
     pauc_80,
     resampled_isic_scores,
 )
-from core.evaluation.metrics import compute_metrics
-from core.evaluation.stats import bootstrap_indices, bootstrap_metrics
-from core.runs import RunStore
+from core.stats.metrics import compute_metrics
+from core.stats.uncertainty import bootstrap_indices, bootstrap_metrics
 from tests.conftest import reference_package
 
 # The ISIC scorer calls a lesion malignant when P > 0.5; the project when P >= threshold. The smallest

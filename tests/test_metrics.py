@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from sklearn import metrics as skm
 
-from core.evaluation.metrics import METRIC_NAMES, compute_metrics
+from core.stats.metrics import METRIC_NAMES, compute_metrics
 
 
 def test_hand_computed_example():

@@ -14,7 +14,7 @@ from core.audit.runner import AuditSettings, run_audit
 from core.audit.store import AUDIT_FOLDER, save_result
 from core.data.datasets import prepare_data
 from core.evaluation.compare import build_comparison
-from core.evaluation.report import report_html
+from core.report import report_html
 from core.runs import RunStore
 from core.training.jobs import shared_queue
 from core.training.loop import run_training

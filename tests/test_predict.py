@@ -19,13 +19,13 @@ from sklearn.metrics import roc_auc_score
 from streamlit.testing.v1 import AppTest
 
 import core.evaluation.ood
-from core.cams import run_image_size
 from core.config import DataSpec, TrainConfig
 from core.data.datasets import DatasetError, PreparedData, prepare_data
 from core.data.images import decode_images_cached
 from core.evaluation.ood import DETECTOR_FILE, SUMMARY_FILE, ood_detector
 from core.evaluation.predict import PREDICTION_COLUMNS, image_files, predict_images, predict_uploads, score_images
 from core.runs import RunStore
+from core.stored_run import run_image_size
 from core.training.jobs import shared_queue
 from core.training.loop import run_training
 from pages.common import PREDICT_RUNS

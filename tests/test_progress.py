@@ -5,6 +5,7 @@ import dataclasses
 import pytest
 
 from core.config import DataSpec
+from core.formatting import format_duration
 from core.training.callbacks import BatchProgress
 from core.training.estimates import (
     ROUGH_OVERHEAD_SECONDS,
@@ -12,7 +13,6 @@ from core.training.estimates import (
     StepProgress,
     WorkItem,
     estimate_runs,
-    format_duration,
     images_per_epoch,
     measured_throughput,
     run_throughput,

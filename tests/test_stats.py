@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 from sklearn import metrics as skm
 
-from core.evaluation.metrics import METRIC_NAMES, compute_metrics
-from core.evaluation.stats import (
+from core.stats.metrics import METRIC_NAMES, compute_metrics
+from core.stats.uncertainty import (
     bootstrap_indices,
     bootstrap_metrics,
     calibration,

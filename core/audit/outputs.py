@@ -14,7 +14,7 @@ from core.audit.maps import method_display_name
 from core.audit.runner import CHECKS, LOCALISATION_MEASURES, Audit
 from core.audit.store import load_arrays
 from core.cams import overlay
-from core.evaluation.stats import format_interval
+from core.formatting import format_interval
 from core.models import get_model_spec
 from core.runs import _json_safe
 

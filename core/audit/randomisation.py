@@ -21,8 +21,8 @@ from torch import nn
 from core.audit.localisation import structural_similarity
 from core.audit.maps import compute_maps, scaled_to_unit
 from core.cams import CamExplainer
-from core.evaluation.stats import mean_interval
 from core.models import get_model_spec
+from core.stats.uncertainty import mean_interval
 
 # Spearman above this after the whole network is randomised: the maps do not depend on the model.
 FAIL_SPEARMAN = 0.5

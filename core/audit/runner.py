@@ -21,12 +21,13 @@ from core.audit.localisation import load_masks, localisation_measures
 from core.audit.maps import AUDIT_METHODS, compute_maps, predict
 from core.audit.randomisation import DEFAULT_STEPS, randomisation_check
 from core.audit.shortcuts import artefact_test
-from core.cams import CamExplainer, load_trained_model, run_image_size, run_precision
+from core.cams import CamExplainer
 from core.config import DataSpec, TrainConfig
 from core.data.datasets import PreparedData, check_allowed, prepare_data
-from core.evaluation.stats import mean_interval
 from core.models import cam_layer_name, get_model_spec
 from core.runs import RunStore
+from core.stats.uncertainty import mean_interval
+from core.stored_run import load_trained_model, run_image_size, run_precision
 
 CHECKS = ("randomisation", "artefacts", "localisation", "faithfulness")
 CHECK_NAMES = {"randomisation": "Randomisation sanity check", "artefacts": "Artefact (shortcut) test",

@@ -13,7 +13,7 @@ import numpy as np
 from core.audit.artefacts import ARTEFACT_KINDS, paste_artefact
 from core.audit.maps import compute_maps, predict
 from core.cams import CamExplainer, energy_inside
-from core.evaluation.stats import mean_interval
+from core.stats.uncertainty import mean_interval
 
 
 def paste_everywhere(images: np.ndarray, masks: np.ndarray | None, kind: str,

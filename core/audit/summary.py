@@ -22,7 +22,7 @@ from core.audit.outputs import (
 from core.audit.randomisation import FAIL_SPEARMAN
 from core.audit.runner import CHECK_NAMES, CHECKS, Audit, AuditSettings, planned_steps
 from core.audit.store import stored_results
-from core.evaluation.stats import format_interval
+from core.formatting import format_duration, format_interval
 from core.runs import RunStore, _json_safe
 
 # How to read each check, one sentence each (the page's and the report's).
@@ -211,7 +211,6 @@ def estimate_audit_seconds(store: RunStore, runs: list[dict], settings: AuditSet
 
 def describe_plan(store: RunStore, runs: list[dict], settings: AuditSettings) -> str:
     """One line before an audit is queued: its steps and, when earlier audits timed them, how long."""
-    from core.training.estimates import format_duration
 
     steps = planned_steps(runs, settings)
     line = (f"{len(runs)} run(s) × {len(settings.methods)} method(s), {len(settings.checks)} check(s) on "

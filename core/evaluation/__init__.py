@@ -1,2 +1,2 @@
-"""Evaluation: metrics, statistics (bootstrap intervals, DeLong, McNemar, calibration), comparing runs,
-and the HTML report."""
+"""Evaluation: comparing runs (intervals and paired tests from `core.stats`), external validation, subgroups,
+batch prediction and the out-of-distribution score."""

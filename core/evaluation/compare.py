@@ -13,19 +13,19 @@ from sklearn.metrics import average_precision_score
 from core import figures
 from core.config import MODEL_NAMES
 from core.evaluation.external import INTERNAL_TEST, external_predictions, stored_record
-from core.evaluation.metrics import compute_metrics, precision_recall_curve, predict_labels, roc_curve
-from core.evaluation.stats import (
+from core.formatting import format_p_value
+from core.models import get_model_spec
+from core.runs import RunStore, is_ordinary_run
+from core.stats.metrics import compute_metrics, precision_recall_curve, predict_labels, roc_curve
+from core.stats.uncertainty import (
     DEFAULT_RESAMPLES,
     DEFAULT_SEED,
     bootstrap_metrics,
     calibration,
     delong_test,
-    format_p_value,
     mcnemar_test,
     threshold_for_sensitivity,
 )
-from core.models import get_model_spec
-from core.runs import RunStore, is_ordinary_run
 
 # (column title, metrics block, metric name)
 COMPARISON_COLUMNS = (
@@ -38,7 +38,7 @@ COMPARISON_COLUMNS = (
     ("Specificity", "test", "specificity"),
     ("Kappa", "test", "kappa"),
     ("G-mean", "test", "g_mean"),
-    # ISIC's own scores (core.evaluation.isic), titled by their ISIC names so that CSV columns match the scorers'
+    # ISIC's own scores (core.stats.isic), titled by their ISIC names so that CSV columns match the scorers'
     ("auc_sens_80", "test", "auc_sens_80"),
     ("pauc_80", "test", "pauc_80"),
     ("average_precision", "test", "average_precision"),

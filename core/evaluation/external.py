@@ -24,13 +24,13 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from core.cams import run_image_size
 from core.config import DataSpec
 from core.data.datasets import PreparedData, load_dataset_images
 from core.data.images import files_fingerprint
 from core.evaluation.inference import apply_run
-from core.evaluation.stats import DEFAULT_RESAMPLES, DEFAULT_SEED, bootstrap_indices, resampled_auc
 from core.runs import RunStore, write_atomically, write_json
+from core.stats.uncertainty import DEFAULT_RESAMPLES, DEFAULT_SEED, bootstrap_indices, resampled_auc
+from core.stored_run import run_image_size
 
 EXTERNAL_FOLDER = "external"
 INTERNAL_TEST = "internal"  # the key of the runs' own test part wherever a test set is chosen

@@ -15,10 +15,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from core.cams import load_trained_model, run_precision
 from core.data.augment import normalise, to_unit_float
 from core.models import fold_batch_norms
 from core.runs import RunStore
+from core.stored_run import load_trained_model, run_precision
 
 BATCH_SIZE = 64
 

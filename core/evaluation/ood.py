@@ -40,12 +40,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from core.config import TrainConfig
-from core.data.datasets import prepare_data
 from core.data.images import take_rows
 from core.evaluation.inference import ModelOutputs, apply_run, load_run_model
 from core.models import get_model_spec
 from core.runs import RunStore, RunStoreError, write_atomically, write_json
+from core.stored_run import load_run_data
 
 logger = logging.getLogger(__name__)
 
@@ -247,11 +246,9 @@ def describe_score(score: float, threshold: float) -> tuple[bool, str]:
 
 
 def _fit_from_run_data(run: dict, store: RunStore, model, progress, stop) -> OodDetector:
-    from core.training.loop import recorded_data_spec
-
     started = time.perf_counter()
     try:
-        data = prepare_data(recorded_data_spec(run), TrainConfig.from_dict(run["config"]), store.cache_dir)
+        data = load_run_data(run, store)
     except (ValueError, OSError) as error:
         raise ValueError(f"the dataset of run {run['run_id']} cannot be loaded to fit the score ({error})") from None
     recorded = (run.get("dataset") or {}).get("fingerprint")

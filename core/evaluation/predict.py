@@ -14,13 +14,13 @@ import numpy as np
 import pandas as pd
 from torch import nn
 
-from core.cams import run_image_size
 from core.data.images import IMAGE_SUFFIXES, ImageError, decode_image, decode_images_cached
 from core.evaluation.inference import apply_run, load_run_model
-from core.evaluation.metrics import predict_labels
 from core.evaluation.ood import OodDetector, apply_with_stage_features, ood_detector
 from core.models import get_model_spec
 from core.runs import RunStore
+from core.stats.metrics import predict_labels
+from core.stored_run import run_image_size
 
 PREDICTION_COLUMNS = ("image", "path", "model", "run_id", "prob_malignant", "threshold", "decision", "ood_score",
                       "ood_threshold", "out_of_distribution")
@@ -213,8 +213,8 @@ def write_cam_figures(runs: list[dict], store: RunStore, paths: Sequence[str | P
     Explain page's default for these runs."""
     from PIL import Image
 
-    from core.cams import CAM_METHODS, default_run_method, explain_inputs, explainer_for_run, explanation_panels
-    from core.figures import labelled_grid
+    from core.cams import CAM_METHODS, default_run_method, explain_inputs, explainer_for_run
+    from core.figures import explanation_panels, labelled_grid
 
     method = method or default_run_method(runs)
     if method not in CAM_METHODS:

@@ -12,7 +12,8 @@ import pandas as pd
 from core import figures
 from core.evaluation.compare import Comparison
 from core.evaluation.external import auc_shift
-from core.evaluation.stats import DEFAULT_RESAMPLES, DEFAULT_SEED, calibration, format_interval
+from core.formatting import format_interval
+from core.stats.uncertainty import DEFAULT_RESAMPLES, DEFAULT_SEED, calibration
 
 # (column of the comparison table, title in the shift table)
 SHIFTED_METRICS = (("AUC", "AUC"), ("Recall", "Sensitivity"), ("Specificity", "Specificity"))

@@ -36,7 +36,8 @@ from core.data.datasets import (
 from core.data.images import DecodedImages, ImageError, decode_images_cached, decode_mask, files_fingerprint
 from core.data.skin_tone import ITA_CATEGORY_NAMES, UNKNOWN, individual_typology_angle, ita_category
 from core.data.synthetic import load_or_generate_synthetic
-from core.evaluation.stats import DEFAULT_RESAMPLES, DEFAULT_SEED, bootstrap_metrics
+from core.stats.uncertainty import DEFAULT_RESAMPLES, DEFAULT_SEED, bootstrap_metrics
+from core.stored_run import StoredRunError, recorded_data_spec
 
 SUBGROUP_KEYS = ("sex", "age", "localization", "site", "dx", "ita")
 # Where each key lives in a metadata file: HAM10000's own column first, then the names ISIC's CSVs use.
@@ -57,7 +58,7 @@ ALL = "All"
 MIN_PER_CLASS = 10
 # More groups than this is an identifier or a number, not a category (a bootstrap per image id helps no one).
 MAX_GROUPS = 40
-# (column title, metric name of core.evaluation.metrics)
+# (column title, metric name of core.stats.metrics)
 SUBGROUP_METRICS = (("AUC", "auc"), ("Sensitivity", "recall"), ("Specificity", "specificity"))
 # Bumped whenever core.data.skin_tone measures differently, so that cached angles are not reused.
 ITA_METHOD_VERSION = 1
@@ -410,7 +411,6 @@ def comparison_dataset(comparison) -> DataSpec:
     """The dataset a Comparison's test images come from: the external set it is judged on, or the dataset the
     first run was trained on; DatasetError when that is not recorded."""
     from core.evaluation.external import external_spec
-    from core.training.loop import ResumeError, recorded_data_spec
 
     run = comparison.entries[0].run
     if comparison.external:
@@ -418,7 +418,7 @@ def comparison_dataset(comparison) -> DataSpec:
     else:
         try:
             spec = recorded_data_spec(run)
-        except ResumeError:
+        except StoredRunError:
             spec = None
     if spec is None:
         raise DatasetError(f"run {run['run_id']} does not record how its test images' dataset was loaded")

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from core.config import TrainConfig
+from core.formatting import format_duration
 from core.runs import RunStore
 from core.training.callbacks import BatchProgress
 
@@ -96,16 +97,6 @@ class TimeEstimate:
 def images_per_epoch(total_images: int, config: TrainConfig) -> int:
     """Training images one epoch sees: the train part of the split minus the validation share."""
     return max(1, round(total_images * (1 - config.test_fraction) * (1 - config.val_fraction)))
-
-
-def format_duration(seconds: float) -> str:
-    """A duration as people say it: 40 s, 6 min, 1.5 h, 12 h."""
-    if seconds < 90:
-        return f"{max(1, round(seconds))} s"
-    if seconds < 90 * 60:
-        return f"{round(seconds / 60)} min"
-    hours = seconds / 3600
-    return (f"{hours:.1f}".removesuffix(".0") if hours < 10 else f"{round(hours)}") + " h"
 
 
 def run_throughput(run: dict) -> float | None:

@@ -22,11 +22,12 @@ from typing import Any
 
 from core.config import DataSpec, TrainConfig
 from core.data.datasets import PreparedData, prepare_data
+from core.formatting import format_duration
 from core.models import get_model_spec
 from core.runs import RunStore
 from core.training.callbacks import BatchProgress, EpochRecord, TrainingCallback
-from core.training.estimates import StepProgress, format_duration, seconds_left
-from core.training.loop import ResumeError, recorded_data_spec, resume_training, run_training
+from core.training.estimates import StepProgress, seconds_left
+from core.training.loop import ResumeError, resume_data_spec, resume_training, run_training
 
 ACTIVE_STATES = ("queued", "preparing", "running")
 # What a job does, and so which page owns it (may stop it): runs, a tuning study, an ablation, an audit,
@@ -330,7 +331,7 @@ class JobQueue:
             raise ResumeError(f"no run {run_id}")
         if not run.get("resumable"):
             raise ResumeError(f"run {run_id} is {run['status']} and has no resume checkpoint")
-        spec = recorded_data_spec(run)
+        spec = resume_data_spec(run)
         with self._lock:
             if any(job.resume_run == run_id and job.active for job in self._jobs):
                 raise ResumeError(f"run {run_id} is already queued to resume")

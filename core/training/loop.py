@@ -28,9 +28,10 @@ from torch import nn
 from core.config import DataSpec, TrainConfig
 from core.data.datasets import PreparedData, prepare_data
 from core.environment import describe_environment, select_device
-from core.evaluation.metrics import compute_metrics, safe_auc
 from core.models import build_model, fold_batch_norms
 from core.runs import RESUMABLE_STATUSES, RunFolder, RunStore, claimed_for_resume, remove_partial_writes
+from core.stats.metrics import compute_metrics, safe_auc
+from core.stored_run import StoredRunError, recorded_data_spec
 from core.training.batches import TensorData, prepare_batch, training_order
 from core.training.callbacks import BatchProgress, CallbackList, EpochRecord, TrainingCallback
 from core.training.distributed import SINGLE_PROCESS, DistributedContext, open_on_main
@@ -41,7 +42,7 @@ class DivergedError(RuntimeError):
     """The loss became NaN or infinite."""
 
 
-class ResumeError(ValueError):
+class ResumeError(StoredRunError):
     """A run that cannot be resumed; the message says why in one line."""
 
 
@@ -356,7 +357,7 @@ def _resume_claimed(run: dict, state: TrainingState, store: RunStore, callback: 
     config = TrainConfig.from_dict(run["config"])
 
     def checked_data() -> PreparedData:
-        loaded = data if data is not None else _load_run_data(run, config, store)
+        loaded = data if data is not None else prepare_data(resume_data_spec(run), config, store.cache_dir)
         _check_same_data(run, loaded)
         return loaded
 
@@ -394,16 +395,12 @@ def _resume_claimed(run: dict, state: TrainingState, store: RunStore, callback: 
     return _run_to_the_end(model, config, data, plan, folder, callback, stop, state, best_state, context)
 
 
-def recorded_data_spec(run: dict) -> DataSpec:
-    """How the run's dataset was loaded, to load it again for resuming."""
-    spec = (run.get("dataset") or {}).get("spec")
-    if spec is None:
-        raise ResumeError("the run does not record how its dataset was loaded (trained by an older version)")
-    return DataSpec.from_dict(spec)
-
-
-def _load_run_data(run: dict, config: TrainConfig, store: RunStore) -> PreparedData:
-    return prepare_data(recorded_data_spec(run), config, store.cache_dir)
+def resume_data_spec(run: dict) -> DataSpec:
+    """How the run's dataset was loaded, to load it again for resuming; ResumeError when it is not recorded."""
+    try:
+        return recorded_data_spec(run)
+    except StoredRunError as error:
+        raise ResumeError(str(error)) from None
 
 
 def _check_same_data(run: dict, data: PreparedData) -> None:

@@ -14,8 +14,9 @@ import numpy as np
 from scipy import stats as scipy_stats
 from sklearn import metrics as skm
 
-from core.evaluation.isic import ISIC_METRIC_NAMES, isic_scores, resampled_isic_scores
-from core.evaluation.metrics import METRIC_NAMES, compute_metrics
+from core.formatting import format_interval
+from core.stats.isic import ISIC_METRIC_NAMES, isic_scores, resampled_isic_scores
+from core.stats.metrics import METRIC_NAMES, compute_metrics
 
 DEFAULT_RESAMPLES = 2000
 DEFAULT_SEED = 0
@@ -76,14 +77,6 @@ class Interval:
         return format_interval(self.value, self.low, self.high, digits)
 
 
-def format_interval(value, low, high, digits: int = 3, signed: bool = False) -> str:
-    """'0.520 [0.400, 0.610]' ('+0.52 [...]' when signed); '--' when there is no value."""
-    if value is None or not math.isfinite(value):
-        return "--"
-    sign = "+" if signed else ""
-    return f"{value:{sign}.{digits}f} [{low:{sign}.{digits}f}, {high:{sign}.{digits}f}]"
-
-
 def bootstrap_metrics(labels, probabilities, threshold: float = 0.5, resamples: int = DEFAULT_RESAMPLES,
                       seed: int = DEFAULT_SEED, level: float = 0.95) -> dict[str, Interval]:
     """Every metric of METRIC_NAMES and ISIC_METRIC_NAMES with a percentile bootstrap interval (test
@@ -132,14 +125,6 @@ class PairedTest:
     statistic: float
     p_value: float
     difference: float  # first minus second (AUC for DeLong, accuracy for McNemar)
-
-
-def format_p_value(p_value: float) -> str:
-    """The one way a p-value is written (tables, figures, readings, reports): '< 0.001' below 0.001,
-    else three decimals; '--' when the test could not be run."""
-    if p_value is None or not math.isfinite(p_value):
-        return "--"
-    return "< 0.001" if p_value < 0.001 else f"{p_value:.3f}"
 
 
 def delong_test(labels, probabilities_a, probabilities_b) -> PairedTest:
