@@ -9,28 +9,19 @@ import argparse
 import contextlib
 import dataclasses
 import datetime
+import os
 import signal
 import sys
 import threading
 import time
 
-from core.config import MODEL_NAMES, PRECISIONS, PRESETS, DataSpec, TrainConfig
-from core.data.datasets import CLASS_NAMES, FORMATS, DatasetError, prepare_data
+from core.config import FORMATS, MODEL_NAMES, PRECISIONS, PRESETS, PRUNERS, DataSpec, TrainConfig
 from core.data.synthetic import CONFOUNDER_KINDS
-from core.evaluation.compare import (
-    build_comparison,
-    comparison_table,
-    default_comparison_runs,
-    format_table,
-    paper_table,
-    tested_on_same_images,
-)
-from core.evaluation.external import INTERNAL_TEST, ExternalSet, common_external_sets
 from core.runs import RunStore, RunStoreError, default_runs_dir, is_ordinary_run, run_purpose
 from core.training.callbacks import BatchProgress, EpochRecord, TrainingCallback
-from core.training.distributed import SINGLE_PROCESS, DistributedContext, joined_processes, launched_by_torchrun
-from core.training.loop import resume_training, run_training
-from core.training.tuning import PRUNERS
+
+# Every command imports what it works with when it runs: `--help`, `list` and `hash-password` load neither
+# torch nor grad-cam, and answer at once (tests/test_cli.py checks sys.modules).
 
 EXIT_BAD_INPUT = 2
 EXIT_RUN_FAILED = 1
@@ -368,7 +359,10 @@ def data_spec_from_args(args: argparse.Namespace) -> DataSpec:
     return DataSpec(**values)
 
 
-def command_train(args: argparse.Namespace, context: DistributedContext = SINGLE_PROCESS) -> int:
+def command_train(args: argparse.Namespace, context) -> int:
+    from core.data.datasets import prepare_data
+    from core.training.loop import run_training
+
     models = list(MODEL_NAMES) if args.model == "all" else [args.model]
     configs = [config_from_args(args, model) for model in models]
     spec = data_spec_from_args(args)
@@ -399,7 +393,9 @@ def command_train(args: argparse.Namespace, context: DistributedContext = SINGLE
     return 0 if len(statuses) == len(configs) and all(s == "completed" for s in statuses) else EXIT_RUN_FAILED
 
 
-def command_resume(args: argparse.Namespace, context: DistributedContext = SINGLE_PROCESS) -> int:
+def command_resume(args: argparse.Namespace, context) -> int:
+    from core.training.loop import resume_training
+
     store = RunStore(args.runs_dir)
     statuses = []
     for run_id in args.runs:
@@ -414,6 +410,7 @@ def command_resume(args: argparse.Namespace, context: DistributedContext = SINGL
 def command_tune(args: argparse.Namespace) -> int:
     import optuna
 
+    from core.data.datasets import prepare_data
     from core.training.study_storage import open_storage, wait_for_trials_elsewhere
     from core.training.tuning import default_storage, run_study, trials_table
 
@@ -448,6 +445,7 @@ def command_tune(args: argparse.Namespace) -> int:
 
 
 def command_ablate(args: argparse.Namespace) -> int:
+    from core.evaluation.compare import comparison_table, format_table
     from core.training.ablation import component_cells, grid_cells, run_ablation
 
     base = config_from_args(args, "resnet18")
@@ -487,6 +485,7 @@ def ablate_shared(url: str, spec: DataSpec, cells: list, store: RunStore, study:
     """`ablate --storage URL`: this machine's share of the cells, then the whole grid from the database."""
     import optuna
 
+    from core.evaluation.compare import format_table
     from core.training.shared_ablation import run_shared_ablation
     from core.training.study_storage import open_storage
 
@@ -525,6 +524,8 @@ def command_list(args: argparse.Namespace) -> int:
 
 def chosen_runs(store: RunStore, run_ids: list[str] | None, runs_dir: str) -> list[dict]:
     """The named runs (ValueError naming the missing ones), or the newest completed run of each model."""
+    from core.evaluation.compare import default_comparison_runs
+
     if not run_ids:
         return default_comparison_runs(store.list_runs())
     runs = [store.load(run_id) for run_id in run_ids]
@@ -540,8 +541,10 @@ def check_operating_point(args: argparse.Namespace) -> None:
             raise ValueError(f"{name} must be between 0 and 1, not {value}")
 
 
-def chosen_test_set(store: RunStore, runs: list[dict], wanted: str | None) -> ExternalSet | None:
+def chosen_test_set(store: RunStore, runs: list[dict], wanted: str | None):
     """The external set named by key or name that every run was evaluated on (None: their own test part)."""
+    from core.evaluation.external import INTERNAL_TEST, common_external_sets
+
     if not wanted or wanted == INTERNAL_TEST:
         return None
     available = common_external_sets(store, runs)
@@ -554,6 +557,8 @@ def chosen_test_set(store: RunStore, runs: list[dict], wanted: str | None) -> Ex
 
 
 def command_compare(args: argparse.Namespace) -> int:
+    from core.evaluation.compare import build_comparison, tested_on_same_images
+
     store = RunStore(args.runs_dir)
     runs = chosen_runs(store, args.runs, args.runs_dir)
     if not runs:
@@ -582,6 +587,7 @@ def command_compare(args: argparse.Namespace) -> int:
 
 
 def command_evaluate(args: argparse.Namespace) -> int:
+    from core.evaluation.compare import build_comparison
     from core.evaluation.external import evaluate_runs
 
     store = RunStore(args.runs_dir)
@@ -615,6 +621,8 @@ def command_evaluate(args: argparse.Namespace) -> int:
 def print_table(comparison, args: argparse.Namespace, store: RunStore) -> None:
     """compare's table on stdout, or with --by the subgroup table (one CSV at a time, so that
     `--format csv > file` stays one clean CSV)."""
+    from core.evaluation.compare import format_table, paper_table
+
     if not args.by:
         print(format_table(paper_table(comparison), args.format))
         return
@@ -632,6 +640,7 @@ def command_explain(args: argparse.Namespace) -> int:
 
     from core.cams import CAM_METHODS, default_run_method, explain_image, explainer_for_run
     from core.data.images import ImageError, decode_image
+    from core.evaluation.compare import default_comparison_runs
     from core.figures import explanation_panels, labelled_grid
 
     if args.method is not None and args.method not in CAM_METHODS:
@@ -670,6 +679,7 @@ def command_audit(args: argparse.Namespace) -> int:
     from core.audit.outputs import write_audit_outputs
     from core.audit.runner import AuditSettings, check_runs, run_audit
     from core.cams import default_run_method
+    from core.evaluation.compare import default_comparison_runs
 
     store = RunStore(args.runs_dir)
     runs = check_runs(store, args.runs) if args.runs else default_comparison_runs(store.list_runs())
@@ -705,6 +715,7 @@ def command_predict(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from core.data.datasets import check_allowed
+    from core.evaluation.compare import default_comparison_runs
     from core.evaluation.predict import image_files, predict_images, write_cam_figures
 
     store = RunStore(args.runs_dir)
@@ -781,6 +792,7 @@ def decoding_bar(disable: bool = False):
 
 
 def command_check_data(args: argparse.Namespace) -> int:
+    from core.data.datasets import CLASS_NAMES, prepare_data
     from core.data.duplicates import HASH_BITS
 
     values = {field: getattr(args, field) for field in CHECK_DATA_FIELDS
@@ -841,12 +853,17 @@ def main(argv: list[str] | None = None) -> int:
     previous = signal.signal(signal.SIGTERM, lambda signum, frame: STOP.set()) if in_main_thread else None
     try:
         if args.command in ("train", "resume"):
+            from core.training.distributed import joined_processes
+
             with joined_processes() as context:  # torchrun's processes as one run; else this process alone
                 return commands[args.command](args, context)
-        if launched_by_torchrun():
-            raise ValueError(f"only train and resume run under torchrun, not {args.command}")
+        if "WORLD_SIZE" in os.environ:  # only then can torchrun have started us: spare every other call torch
+            from core.training.distributed import launched_by_torchrun
+
+            if launched_by_torchrun():
+                raise ValueError(f"only train and resume run under torchrun, not {args.command}")
         return commands[args.command](args)
-    except (DatasetError, RunStoreError, ValueError) as error:
+    except (RunStoreError, ValueError) as error:  # a DatasetError is a ValueError
         # One write of the whole line: torchrun's processes share one stderr, where print's separate write of
         # the newline lets another process's error land in the middle of this line.
         sys.stderr.write(f"error: {error}\n")
@@ -862,8 +879,6 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:
         # The reader of stdout went away (`... | head`): not an error of ours. Python would otherwise complain
         # again when it flushes stdout at exit.
-        import os
-
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     finally:

@@ -15,6 +15,10 @@ from core.data.synthetic import CENTRED_LESION_SPREAD, LESION_SPREAD
 MODEL_NAMES = ("resnet18", "resnet50", "densenet121", "efficientnet_b0", "hybrid_sresnet")
 PRECISIONS = ("auto", "fp32", "bf16")
 DEVICES = ("auto", "cpu", "cuda", "mps")
+# Dataset formats (DataSpec.format, besides auto) and the pruners of a tuning study: choices the CLI and the
+# pages offer, named here so that offering them loads neither the data readers nor Optuna.
+FORMATS = ("synthetic", "imagefolder", "ham10000", "csv")
+PRUNERS = ("median", "percentile", "hyperband", "none")
 
 # The paper's image size; real datasets train at this size unless told otherwise.
 PAPER_IMAGE_SIZE = 224

@@ -8,7 +8,6 @@ import numpy as np
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from core.cams import CAM_METHODS, ExplainedImage, contour_overlay, overlay, shared_scale_maximum
 from core.data.datasets import CLASS_NAMES
 from core.formatting import format_interval, format_p_value
 from core.models import get_model_spec
@@ -89,9 +88,12 @@ def outline_mask(image: np.ndarray, mask: np.ndarray, colour=MASK_OUTLINE_COLOUR
     return outlined
 
 
-def explanation_panels(explained: ExplainedImage, opacity: float = 0.5, colour_map: str = "jet",
+def explanation_panels(explained, opacity: float = 0.5, colour_map: str = "jet",
                        shared_scale: bool = False, show_mask: bool = False) -> list[tuple[str, str, list[np.ndarray]]]:
     """(title, subtitle, [heatmap overlay, contour overlay]) per model."""
+    # Here, not at the top: comparing runs draws figures and needs neither torch nor grad-cam.
+    from core.cams import CAM_METHODS, contour_overlay, overlay, shared_scale_maximum
+
     scale = shared_scale_maximum(explained.results) if shared_scale else None
     base = explained.image
     if show_mask and explained.mask is not None:

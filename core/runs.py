@@ -23,10 +23,11 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import pandas as pd
-import torch
+if TYPE_CHECKING:  # loaded where used: listing runs (python -m core list) needs neither torch nor pandas
+    import pandas as pd
+
 
 STATUSES = ("running", "completed", "stopped", "diverged", "failed")
 RESUMABLE_STATUSES = ("stopped", "failed")
@@ -106,6 +107,8 @@ class RunFolder:
         return self.record
 
     def save_model(self, state_dict: dict) -> None:
+        import torch
+
         cpu_state = {k: v.detach().to("cpu") for k, v in state_dict.items()}
         write_atomically(self.path / "model.pt", lambda temporary: torch.save(cpu_state, temporary))
 
@@ -113,6 +116,8 @@ class RunFolder:
         write_atomically(self.path / name, lambda temporary: table.to_csv(temporary, index=False))
 
     def save_resume_state(self, state: dict) -> None:
+        import torch
+
         write_atomically(self.path / RESUME_FILE, lambda temporary: torch.save(state, temporary))
 
     def discard_resume_state(self) -> None:
@@ -188,6 +193,8 @@ class RunStore:
         return self.root / run_id / "model.pt"
 
     def predictions(self, run_id: str) -> pd.DataFrame:
+        import pandas as pd
+
         return pd.read_csv(self.root / run_id / "predictions.csv")
 
     def delete(self, run_id: str) -> None:

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pandas as pd
 import streamlit as st
 
-from core.config import DataSpec, TrainConfig
-from core.data.datasets import FORMATS, DatasetError, detect_format
+from core.config import FORMATS, DataSpec, TrainConfig
+from core.data.datasets import DatasetError, detect_format
 from core.evaluation.compare import (
     IMAGE_FILTERS,
     PAUC_NOTE,

@@ -6,10 +6,9 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
-from core.config import DataSpec, TrainConfig
+from core.config import FORMATS, DataSpec, TrainConfig
 from core.data.datasets import (
     CLASS_NAMES,
-    FORMATS,
     LOCAL_LAYOUTS,
     DatasetError,
     PreparedData,

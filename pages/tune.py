@@ -7,7 +7,7 @@ import dataclasses
 import optuna
 import streamlit as st
 
-from core.config import MODEL_NAMES, TrainConfig
+from core.config import MODEL_NAMES, PRUNERS, TrainConfig
 from core.data.datasets import prepare_data
 from core.models import get_model_spec
 from core.training.estimates import TimeEstimate, WorkItem, estimate_runs
@@ -15,7 +15,6 @@ from core.training.jobs import QueueSnapshot
 from core.training.study_storage import StudyStorageError, open_storage
 from core.training.tuning import (
     MIN_TRIALS_FOR_IMPORTANCE,
-    PRUNERS,
     default_storage,
     describe_parameters,
     finished_trial_count,

@@ -89,3 +89,34 @@ def test_empty_store(tmp_path, capsys):
 def test_help(command):
     finished = subprocess.run([sys.executable, "-m", "core", *command, "--help"], capture_output=True, text=True)
     assert finished.returncode == 0 and "usage: python -m core" in finished.stdout
+
+
+LIGHT_CLI_SCRIPT = """
+import contextlib, io, json, sys, time
+started = time.perf_counter()
+from core.cli import build_parser, main
+commands = [[], *([name] for name in build_parser()._subparsers._group_actions[0].choices)]
+for command in commands:
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.suppress(SystemExit):
+        main([*command, "--help"])
+with contextlib.redirect_stdout(io.StringIO()) as listing:
+    main(["list", "--runs-dir", sys.argv[1]])
+print(json.dumps({"commands": len(commands), "listing": listing.getvalue(), "seconds": time.perf_counter() - started,
+                  "loaded": sorted(m for m in ("torch", "torchvision", "pytorch_grad_cam", "cv2", "optuna", "pandas",
+                                               "sklearn", "scipy", "plotly") if m in sys.modules)}))
+"""
+
+
+def test_help_and_list_load_neither_torch_nor_grad_cam(tmp_path):
+    """`python -m core --help`, every command's --help and `list` answer at once: no torch, grad-cam, Optuna,
+    pandas or scientific stack behind them (a fresh interpreter, since this one has them loaded)."""
+    run = {"run_id": "20261208-000000-resnet18-abcd", "model": "resnet18", "status": "completed", "created_at": 1.0,
+           "metrics": {"test": {"auc": 0.9, "accuracy": 0.8}}, "config": {"image_size": 32, "epochs": 1},
+           "dataset": {"name": "synthetic"}, "weights": "random"}
+    (tmp_path / run["run_id"]).mkdir()
+    (tmp_path / run["run_id"] / "run.json").write_text(json.dumps(run))
+    finished = subprocess.run([sys.executable, "-c", LIGHT_CLI_SCRIPT, str(tmp_path)], capture_output=True, text=True,
+                              check=True)
+    outcome = json.loads(finished.stdout)
+    assert outcome["commands"] == 13 and outcome["loaded"] == []
+    assert outcome["listing"].startswith(run["run_id"]) and "test AUC 0.9000 acc 0.8000" in outcome["listing"]

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from core.config import DataSpec, TrainConfig
+from core.config import FORMATS, DataSpec, TrainConfig
 from core.data.duplicates import (
     DEFAULT_THRESHOLD,
     find_near_duplicates,
@@ -31,7 +31,6 @@ from core.data.images import IMAGE_SUFFIXES, ImageError, decode_images_cached, d
 from core.data.splits import assign_splits, split_fingerprint, subsample
 from core.data.synthetic import load_or_generate_synthetic, synthetic_cache_path
 
-FORMATS = ("synthetic", "imagefolder", "ham10000", "csv")
 TABLE_COLUMNS = ("image_id", "label", "group", "preset_split", "path", "mask_path")
 CLASS_NAMES = ("benign", "malignant")
 

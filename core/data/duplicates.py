@@ -20,17 +20,17 @@ import os
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import imagehash
 import numpy as np
-import pandas as pd
 from PIL import Image
-from scipy.sparse import coo_matrix
-from scipy.sparse.csgraph import connected_components
+
+if TYPE_CHECKING:  # imagehash, pandas and scipy load where used: the CLI's help reads this module's constants
+    import pandas as pd
 
 # Part of every stored hash file's name: changing how hashes are made must not reuse old files.
 HASH_VERSION = 1
-HASH_FUNCTIONS = (imagehash.phash, imagehash.dhash, imagehash.dhash_vertical)
+HASH_FUNCTIONS = ("phash", "dhash", "dhash_vertical")  # imagehash's, 64 bits each
 HASH_BITS = 64 * len(HASH_FUNCTIONS)
 HASH_WORDS = HASH_BITS // 64
 VIEW_COUNT = 6  # the whole image, four corner-anchored crops and a centred one
@@ -50,6 +50,8 @@ PAIR_COLUMNS = ("id_a", "id_b", "distance", "split_a", "split_b", "label_a", "la
 
 def hash_image(image: np.ndarray) -> np.ndarray:
     """Hashes of one H x W x 3 uint8 image: views x words uint64, the whole image first."""
+    import imagehash
+
     gray = Image.fromarray(image).convert("L")
     if min(gray.size) > WORKING_SIZE:
         gray = gray.resize((WORKING_SIZE, WORKING_SIZE), Image.Resampling.BOX)
@@ -59,7 +61,8 @@ def hash_image(image: np.ndarray) -> np.ndarray:
     boxes = [(0, 0, width, height), (0, 0, width - cut_x, height - cut_y), (cut_x, cut_y, width, height),
              (cut_x, 0, width, height - cut_y), (0, cut_y, width - cut_x, height),
              (half_x, half_y, width - half_x, height - half_y)]
-    bits = np.stack([np.concatenate([function(gray.crop(box)).hash.ravel() for function in HASH_FUNCTIONS])
+    functions = [getattr(imagehash, name) for name in HASH_FUNCTIONS]
+    bits = np.stack([np.concatenate([function(gray.crop(box)).hash.ravel() for function in functions])
                      for box in boxes])
     return np.packbits(bits, axis=1).view(np.uint64)
 
@@ -193,6 +196,9 @@ def merge_groups(groups: Sequence[str], pairs: np.ndarray) -> np.ndarray:
     """Each image's group with the groups of near-duplicate pairs joined (a pair's two groups, and any
     group linked to them through other pairs, become one). A joined group takes the smallest of its
     names, so images without near-duplicates keep theirs, and so does a dataset without any."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
     names, index = np.unique(np.asarray(groups, dtype=str), return_inverse=True)
     if len(pairs) == 0:
         return names[index]
@@ -207,6 +213,8 @@ def merge_groups(groups: Sequence[str], pairs: np.ndarray) -> np.ndarray:
 def pairs_table(table: pd.DataFrame, pairs: np.ndarray) -> pd.DataFrame:
     """One row per near-duplicate pair (PAIR_COLUMNS) of a table with image_id, label and split columns,
     the closest pairs first."""
+    import pandas as pd
+
     pairs = pairs[np.lexsort((pairs[:, 1], pairs[:, 0], pairs[:, 2]))]
     first, second = pairs[:, 0], pairs[:, 1]
     ids, labels = table["image_id"].astype(str).to_numpy(), table["label"].to_numpy()

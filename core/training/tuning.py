@@ -19,7 +19,7 @@ import optuna
 import pandas as pd
 from sqlalchemy.engine import make_url
 
-from core.config import TrainConfig
+from core.config import PRUNERS, TrainConfig
 from core.data.datasets import PreparedData
 from core.runs import RunStore
 from core.training.callbacks import EpochRecord, TrainingCallback
@@ -27,7 +27,6 @@ from core.training.estimates import StepProgress, WorkItem
 from core.training.loop import run_training
 from core.training.study_storage import open_storage
 
-PRUNERS = ("median", "percentile", "hyperband", "none")
 # fANOVA importances from fewer finished trials are noise that looks like a finding.
 MIN_TRIALS_FOR_IMPORTANCE = 5
 STOPPED_ATTRIBUTE = "stopped_by_request"  # a trial's user attribute: the study was stopped during it
