@@ -433,7 +433,8 @@ def command_tune(args: argparse.Namespace) -> int:
     # Trials other workers of a shared study are still running may become the best: every worker reports
     # the same study once they end.
     wait_for_trials_elsewhere(study, started, STOP, on_wait=lambda numbers: print(
-        f"waiting for trial(s) {', '.join(map(str, numbers))} running elsewhere", file=sys.stderr))
+        f"waiting for trial(s) {', '.join(map(str, numbers))} running elsewhere" if numbers
+        else "waiting for the trials other workers have yet to start", file=sys.stderr))
     table = trials_table(study)
     print(table.to_string(index=False))
     completed = [t for t in study.trials if t.value is not None and t.state.name == "COMPLETE"]

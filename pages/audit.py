@@ -261,7 +261,7 @@ def downloads(audit: Audit) -> None:
     with st.container(horizontal=True):  # buttons as wide as their names, wrapping when they do not fit
         for name, content, mime in summary.audit_files(audit):
             st.download_button(name, content, file_name=name, mime=mime, key=f"audit.download.{name}",
-                               icon=":material/download:")
+                               icon=":material/download:", on_click="ignore")
     st.caption("audit.json: every number above; settings.json: which images, seed and settings each result used; "
                "the CSVs: one row per image (as `python -m core audit --out DIR` writes them).")
 

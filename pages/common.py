@@ -8,6 +8,7 @@ import time
 import uuid
 
 import streamlit as st
+from streamlit.runtime.scriptrunner import get_script_run_ctx
 
 from core import access
 from core.cams import CamExplainer, explainer_for_run
@@ -257,10 +258,25 @@ def rerun_when_queue_changes(page_key: str) -> None:
     snapshot = shared_job_queue().snapshot()
     current = snapshot.current
     seen = (current.job_id if current is not None else None, snapshot.busy)
-    key = f"{SEEN_QUEUE}.{page_key}"
+    rerun_page_on_change(f"{SEEN_QUEUE}.{page_key}", seen)
+
+
+def fragment_running_alone() -> bool:
+    """Whether this fragment runs on its own (its run_every timer), not within a full run of the page."""
+    context = get_script_run_ctx()
+    return bool(context is not None and context.fragment_ids_this_run)
+
+
+def rerun_page_on_change(key: str, seen) -> None:
+    """From a polling fragment: rerun the whole page once `seen` (what the page shows depends on) differs from
+    what it was last drawn for. Only a fragment running on its own reruns the page: within a full run, a rerun
+    would throw away the click that started that run (Delete pressed as a run ends); the change is then kept
+    for the fragment's next tick."""
     previous = st.session_state.get(key, seen)
-    st.session_state[key] = seen
-    if previous != seen:
+    if previous == seen:
+        st.session_state[key] = seen
+    elif fragment_running_alone():
+        st.session_state[key] = seen
         st.rerun(scope="app")
 
 
@@ -449,11 +465,8 @@ def has_trained_runs() -> bool:
 def waiting_for_runs() -> None:
     """For a page with no runs to show: what it is waiting for (the demo runs training, with progress), or
     where to start, with a link; polled, and the page redrawn once a run has finished."""
-    trained = len(runs_with_models(run_store()))
-    previous = st.session_state.get(SEEN_TRAINED, trained)
-    st.session_state[SEEN_TRAINED] = trained
-    if previous != trained:  # a change, not a count: a page may have reasons of its own to show no run
-        st.rerun(scope="app")
+    # A change, not a count: a page may have reasons of its own to show no run.
+    rerun_page_on_change(SEEN_TRAINED, len(runs_with_models(run_store())))
     progress = describe_batch(shared_job_queue().snapshot(), ALL_FIVE)
     if progress:
         st.info(f"The demo runs are training: {progress}. This page fills in as they finish.",

@@ -235,7 +235,7 @@ def subgroups_section(comparison: Comparison, threshold, sensitivity, config: di
                + (f"Too small to judge (fewer than 10 malignant or 10 benign images): {', '.join(small)}."
                   if small else "Every group has at least 10 malignant and 10 benign images."))
     st.download_button("Subgroup table as CSV", table.to_csv(index=False, float_format="%.4f"),
-                       file_name=f"subgroups-{by}.csv", mime="text/csv", key="compare.subgroups_csv")
+                       file_name=f"subgroups-{by}.csv", mime="text/csv", key="compare.subgroups_csv", on_click="ignore")
 
 
 def near_duplicate_badges(runs: list[dict]) -> None:
@@ -329,15 +329,18 @@ def metrics_table(comparison: Comparison) -> None:
 def exports(comparison: Comparison) -> None:
     shown = display_table(comparison)
     left, middle, right = st.columns(3)
+    # on_click="ignore" on every download button: a click that reruns the page unlists the file until the rerun
+    # draws the button again, and two runs of other sessions finishing meanwhile delete it, cancelling the
+    # download (a class on one server; tests/test_pages.py checks every page's buttons).
     left.download_button("Table as CSV", comparison.table.to_csv(index=False, float_format="%.4f"),
-                         file_name="comparison.csv", mime="text/csv", key="compare.csv")
+                         file_name="comparison.csv", mime="text/csv", key="compare.csv", on_click="ignore")
     middle.download_button("Table as LaTeX", shown.to_latex(index=False), file_name="comparison.tex",
-                           mime="text/x-tex", key="compare.latex")
+                           mime="text/x-tex", key="compare.latex", on_click="ignore")
     # The report inlines plotly.js (about 4 MB): built on request, not on every rerun of the page.
     if right.button("Build the HTML report", key="compare.build_report", icon=":material/description:"):
         report = report_html(comparison)
         right.download_button("Download the HTML report", report, file_name="comparison.html", mime="text/html",
-                              key="compare.html", type="primary")
+                              key="compare.html", type="primary", on_click="ignore")
 
 
 def picked_images(event, shown: pd.DataFrame, axes: tuple[str, str] | None = None) -> list[str]:

@@ -58,6 +58,7 @@ from pages.common import (
     can_administer,
     current_data_spec,
     dataset_label,
+    fragment_running_alone,
     model_version,
     persistent,
     require_entrypoint,
@@ -421,7 +422,7 @@ def background(key: tuple, function, *args) -> BackgroundTask:
 @st.fragment(run_every=1.0)
 def wait_for(task: BackgroundTask, label: str) -> None:
     """A progress bar redrawn every second; the page reruns when the task ends."""
-    if task.finished:
+    if task.finished and fragment_running_alone():  # within a full run, a rerun would lose its click
         st.rerun(scope="app")
     st.progress(task.fraction, text=f"{label}: {task.fraction:.0%}")
     if st.button("Cancel", key=f"explain.cancel.{id(task)}"):
@@ -541,7 +542,7 @@ def main() -> None:
     Image.fromarray(figure).save(buffer, format="PNG")
     st.download_button("Download the figure (PNG)", buffer.getvalue(),
                        file_name=f"{chosen.label}-{settings['method']}.png", mime="image/png",
-                       key="explain.download", icon=":material/download:")
+                       key="explain.download", icon=":material/download:", on_click="ignore")
     show_measures(explained, names)
     show_faithfulness(explainers, explained, names)
     if source == "Test image":

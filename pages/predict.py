@@ -185,7 +185,7 @@ def show_result(result: PredictionResult) -> None:
                "images like it: treat its P(malignant) with caution. Each decision is taken at its run's own "
                "threshold.")
     st.download_button("Download the table (CSV)", table.to_csv(index=False), file_name="predictions.csv",
-                       mime="text/csv", key="predict.download", icon=":material/download:")
+                       mime="text/csv", key="predict.download", icon=":material/download:", on_click="ignore")
 
 
 def main() -> None:

@@ -15,6 +15,7 @@ from pages.common import (
     demo_config,
     queue_all_five,
     require_entrypoint,
+    rerun_page_on_change,
     run_store,
     runs_with_models,
     shared_job_queue,
@@ -51,10 +52,7 @@ def demo_progress() -> None:
                 icon=":material/hourglass_top:")
     jobs = batch_jobs(snapshot, ALL_FIVE)
     seen = (progress is not None, sum(not job.active for job in jobs))
-    previous = st.session_state.get(SEEN_DEMO, seen)
-    st.session_state[SEEN_DEMO] = seen
-    if previous != seen:
-        st.rerun(scope="app")
+    rerun_page_on_change(SEEN_DEMO, seen)
 
 
 def next_steps(count: int) -> None:

@@ -39,6 +39,7 @@ from pages.common import (
     persistent,
     queue_all_five,
     require_entrypoint,
+    rerun_page_on_change,
     run_choice_label,
     run_store,
     shared_job_queue,
@@ -201,10 +202,7 @@ def live_progress() -> None:
             st.toast(f"Removed {queue.clear_queue()} queued job(s)")
     show_queue(snapshot)
     seen = (sum(not job.active for job in snapshot.jobs), current.run_id if current is not None else None)
-    if st.session_state.get(SEEN_FINISHED, seen) != seen:
-        st.session_state[SEEN_FINISHED] = seen
-        st.rerun(scope="app")  # a run started or ended: redraw the run table
-    st.session_state[SEEN_FINISHED] = seen
+    rerun_page_on_change(SEEN_FINISHED, seen)  # a run started or ended: redraw the run table
 
 
 def active_warnings(snapshot: QueueSnapshot) -> list[str]:

@@ -203,3 +203,48 @@ def test_ablation_page_runs_the_components_and_shows_results(tmp_path, monkeypat
     assert len(app.get("plotly_chart")) == 2
     cells = [frame.value for frame in app.dataframe if "Cell" in frame.value.columns][0]
     assert cells["Cell"].iloc[-1].startswith("+ cosine scheduler")
+
+
+def test_a_finished_worker_waits_for_a_shared_studys_trials_still_to_start(tmp_path):
+    """Between two trials of another worker nothing in the study is RUNNING: a worker that has finished its own
+    trials still waits for that worker's last one, then returns; a worker silent for GRACE_SECONDS is not
+    waited for. (Two `tune` workers once printed different studies this way.)"""
+    import threading
+    import time
+    from datetime import datetime
+
+    from core.training.study_storage import (
+        GRACE_SECONDS,
+        WORKER_PREFIX,
+        StudyWorker,
+        open_storage,
+        wait_for_trials_elsewhere,
+    )
+
+    storage = open_storage(f"sqlite:///{tmp_path / 'shared.db'}")
+    study = optuna.create_study(study_name="shared", storage=storage, direction="maximize")
+    other = StudyWorker(optuna.load_study(study_name="shared", storage=storage), trials=1)
+    returned = threading.Event()
+
+    def wait() -> None:
+        wait_for_trials_elsewhere(study, datetime.now(), threading.Event(), poll_seconds=0.02)
+        returned.set()
+
+    waiter = threading.Thread(target=wait)
+    waiter.start()
+    assert not returned.wait(0.3), "returned while the other worker had a trial yet to start"
+    trial = other.study.ask()
+    other.started_one()
+    assert not returned.wait(0.2), "returned while the other worker's trial was running"
+    other.study.tell(trial, 0.7)
+    other.finished()
+    assert returned.wait(30)
+    waiter.join()
+
+    study.set_user_attr(f"{WORKER_PREFIX}gone", {"left": 3, "at": time.time() - GRACE_SECONDS - 1})
+    give_up = threading.Event()
+    timer = threading.Timer(30, give_up.set)
+    timer.start()
+    wait_for_trials_elsewhere(study, datetime.now(), give_up, poll_seconds=0.02)
+    timer.cancel()
+    assert not give_up.is_set(), "waited for a worker silent for longer than the grace period"

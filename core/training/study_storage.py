@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import threading
 import time
+import uuid
 import warnings
 from collections.abc import Callable
 from datetime import datetime, timedelta
@@ -18,6 +19,10 @@ from optuna.trial import TrialState
 HEARTBEAT_SECONDS = 60
 GRACE_SECONDS = 180
 CONNECT_TIMEOUT_SECONDS = 10
+# A study user attribute per worker adding trials: {"left": trials it has yet to start, "at": when it last said
+# so (epoch seconds)}. Between two of a worker's trials nothing in the study is RUNNING, so without it another
+# worker that has finished would print the study before that worker's last trial.
+WORKER_PREFIX = "worker:"
 # Tables created by several workers at once on an empty database collide (optuna/optuna#1092); the
 # loser finds them made when it tries again.
 CREATION_ATTEMPTS = 5
@@ -85,6 +90,39 @@ def fail_dead_trials(study: optuna.Study) -> None:
         optuna.storages.fail_stale_trials(study)
 
 
+class StudyWorker:
+    """This process's announcement in a shared study of how many trials it has yet to start: say `started_one`
+    as each trial starts, `alive` as each ends, and `finished` at the end (also when it fails or is stopped)."""
+
+    def __init__(self, study: optuna.Study, trials: int) -> None:
+        self.study, self.left = study, trials
+        self.key = f"{WORKER_PREFIX}{uuid.uuid4().hex[:12]}"
+        self._announce()
+
+    def _announce(self) -> None:
+        self.study.set_user_attr(self.key, {"left": self.left, "at": time.time()})
+
+    def started_one(self) -> None:
+        self.left = max(0, self.left - 1)
+        self._announce()
+
+    def alive(self) -> None:
+        self._announce()
+
+    def finished(self) -> None:
+        self.left = 0
+        self._announce()
+
+
+def workers_with_trials_to_start(study: optuna.Study) -> list[str]:
+    """Workers that still mean to start trials and said so within GRACE_SECONDS (a worker killed between trials
+    is not waited for longer)."""
+    now = time.time()
+    return [key for key, value in study.user_attrs.items()
+            if key.startswith(WORKER_PREFIX) and isinstance(value, dict) and value.get("left", 0) > 0
+            and now - float(value.get("at", 0)) < GRACE_SECONDS]
+
+
 def trials_running_elsewhere(study: optuna.Study, started: datetime) -> list[optuna.trial.FrozenTrial]:
     """Trials still running that began after `started` less the grace period. Older ones left RUNNING
     by a killed process from before heartbeats would otherwise be waited for forever; start times are
@@ -97,12 +135,13 @@ def trials_running_elsewhere(study: optuna.Study, started: datetime) -> list[opt
 
 def wait_for_trials_elsewhere(study: optuna.Study, started: datetime, stop: threading.Event,
                               on_wait: Callable[[list[int]], None] | None = None, poll_seconds: float = 2.0) -> None:
-    """Return once the trials other workers are running have ended (or `stop` is set), so that every
-    worker ends by reporting the same study. `on_wait` hears the running trials' numbers once."""
+    """Return once the trials other workers are running have ended and no worker has trials left to start (or
+    `stop` is set), so that every worker ends by reporting the same, finished study. `on_wait` hears the
+    running trials' numbers once (empty while the other workers are between trials)."""
     told = False
     while not stop.is_set():
         running = trials_running_elsewhere(study, started)
-        if not running:
+        if not running and not workers_with_trials_to_start(study):
             return
         if on_wait and not told:
             on_wait([trial.number for trial in running])

@@ -25,7 +25,7 @@ from core.runs import RunStore
 from core.training.callbacks import EpochRecord, TrainingCallback
 from core.training.estimates import StepProgress, WorkItem
 from core.training.loop import run_training
-from core.training.study_storage import open_storage
+from core.training.study_storage import StudyWorker, open_storage
 
 # fANOVA importances from fewer finished trials are noise that looks like a finding.
 MIN_TRIALS_FOR_IMPORTANCE = 5
@@ -114,8 +114,10 @@ def run_study(data: PreparedData, base: TrainConfig, store: RunStore, study_name
 
     work = WorkItem(base.epochs, len(data.indices("train")))
     started = itertools.count(1)
+    worker = StudyWorker(study, trials)
 
     def objective(trial: optuna.Trial) -> float:
+        worker.started_one()  # this trial is RUNNING now: other workers see it there
         number = next(started)
         if on_step:
             on_step(StepProgress("trial", number, trials, current=work, later=(work,) * (trials - number)))
@@ -137,12 +139,16 @@ def run_study(data: PreparedData, base: TrainConfig, store: RunStore, study_name
         return max(entry["val_auc"] or 0.0 for entry in run["history"])
 
     def check_stop(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        worker.alive()  # before the next trial is asked for: no gap in which this worker looks finished
         if on_trial_end:
             on_trial_end(study, trial)
         if stop.is_set():
             study.stop()
 
-    study.optimize(objective, n_trials=trials, callbacks=[check_stop], catch=(RuntimeError,))
+    try:
+        study.optimize(objective, n_trials=trials, callbacks=[check_stop], catch=(RuntimeError,))
+    finally:
+        worker.finished()
     return study
 
 
