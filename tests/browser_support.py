@@ -23,6 +23,8 @@ PAGES = ["Data", "Train", "Compare", "Explain", "Quiz", "Predict", "Audit", "Tun
 # Skipped on a developer machine without chromium; in CI (.ci/run installs it) a missing browser fails.
 BROWSER_TEST = [
     pytest.mark.browser,
+    # One after another on one pytest-xdist worker: each drives a server and Chromium, which load both cores.
+    pytest.mark.xdist_group("browser"),
     pytest.mark.skipif(not os.path.exists(CHROMIUM) and not os.environ.get("CI"),
                        reason="Debian's chromium is not installed (apt-get install chromium; .ci/run does)"),
 ]

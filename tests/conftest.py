@@ -42,10 +42,50 @@ def shared_isic_2017() -> Path:
 CUDA_TESTS_ON_CPU = os.environ.get("SKIN_TEST_DEVICE") == "cpu"
 
 
+# The longest work first, so that the two pytest-xdist workers (pyproject.toml) finish together: the browser
+# tests (one group, on one worker) and the modules that train models of their own (docs/TESTING.md has the times).
+LONGEST_FIRST = ("@browser", "test_audit.py", "test_interrupts.py", "test_cams.py", "test_shared_studies.py",
+                 "test_distributed.py", "test_tuning.py", "test_quiz.py", "test_external.py", "test_cli.py",
+                 "test_explain_consistency.py", "test_predict.py", "test_compare.py", "test_resume.py")
+
+
+def longest_first_rank(item) -> int:
+    group = "@browser" if item.get_closest_marker("browser") else Path(str(item.fspath)).name
+    return LONGEST_FIRST.index(group) if group in LONGEST_FIRST else len(LONGEST_FIRST)
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """pytest-xdist's loadgroup, but a test without a group goes with its module rather than alone: a module's
+    trained runs (its module-scoped fixtures) are then made once, on one worker."""
+    from xdist.scheduler import LoadGroupScheduling
+
+    class ModuleOrGroupScheduling(LoadGroupScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            if nodeid.rfind("@") > nodeid.rfind("]"):
+                return nodeid.split("@")[-1]
+            return nodeid.split("::")[0]
+
+    return ModuleOrGroupScheduling(config, log)
+
+
+def pytest_configure(config):
+    """Under pytest-xdist each worker gets its share of the cores: two workers each running a full OpenMP team
+    on two cores spin against each other. Servers and CLI processes a test starts inherit the share."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        import torch
+
+        threads = str(max(1, len(os.sched_getaffinity(0)) // workers))
+        os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = threads
+        torch.set_num_threads(int(threads))
+
+
 def pytest_collection_modifyitems(config, items):
-    """Tests marked cuda are skipped where no CUDA device is available, so CI without a GPU passes."""
+    """The longest work first (stable otherwise); tests marked cuda are skipped where no CUDA device is
+    available, so CI without a GPU passes."""
     import torch
 
+    items.sort(key=longest_first_rank)
     if CUDA_TESTS_ON_CPU or torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="no CUDA device (bench/gpu_check.sh runs these on a GPU)")
@@ -57,6 +97,19 @@ def pytest_collection_modifyitems(config, items):
 TINY_SYNTHETIC = DataSpec(source="synthetic", synthetic_count=40, synthetic_image_size=32, synthetic_seed=1)
 TINY_CONFIG = TrainConfig(model="resnet18", epochs=1, batch_size=8, image_size=32, pretrained=False,
                           precision="fp32", split="70:30", val_fraction=0.25)
+
+
+@pytest.fixture(autouse=True)
+def seeded_random_state():
+    """Every test starts from the same global random state, whatever ran before it in its process: the workers
+    run tests in another order than one process does, and a test must not pass or fail by that order."""
+    import random
+
+    import torch
+
+    random.seed(0)
+    np.random.seed(0)
+    torch.manual_seed(0)
 
 
 @pytest.fixture(autouse=True)
@@ -133,9 +186,10 @@ def page():
         browser.close()
 
 
-@pytest.fixture
-def five_runs(runs_dir):
-    """Five tiny runs of the five models on one synthetic split, made by the engine before the server starts."""
+@pytest.fixture(scope="session")
+def five_trained_runs(tmp_path_factory) -> Path:
+    """Five tiny runs of the five models on one synthetic split, made by the engine once per test session (per
+    xdist worker); tests get copies (`five_runs`)."""
     import dataclasses
 
     from core.config import DataSpec, TrainConfig
@@ -143,9 +197,20 @@ def five_runs(runs_dir):
     from core.runs import RunStore
     from core.training.loop import run_training
 
-    store = RunStore(runs_dir)
+    root = tmp_path_factory.mktemp("five-runs") / "runs"
+    store = RunStore(root)
     config = TrainConfig(epochs=2, batch_size=16, image_size=32, pretrained=False, precision="fp32")
     data = prepare_data(DataSpec(synthetic_count=120, synthetic_image_size=64), config, store.cache_dir)
     for model in ("resnet18", "resnet50", "densenet121", "efficientnet_b0", "hybrid_sresnet"):
         run_training(dataclasses.replace(config, model=model), data, store)
-    return store
+    return root
+
+
+@pytest.fixture
+def five_runs(five_trained_runs, runs_dir):
+    """This test's own copy of the five runs, in `runs_dir`, before the server starts: a test may write into its
+    store (quiz answers, audits, deletions) without another test seeing it."""
+    import shutil
+
+    shutil.copytree(five_trained_runs, runs_dir, dirs_exist_ok=True)
+    return RunStore(runs_dir)

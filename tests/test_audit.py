@@ -43,6 +43,7 @@ def ground_truth(tmp_path_factory):
     return store, runs
 
 
+@pytest.mark.slow
 def test_the_ink_test_finds_the_planted_shortcut(ground_truth):
     store, runs = ground_truth
     audit = run_audit(store, [runs["confounded"], runs["clean"]],
@@ -55,6 +56,7 @@ def test_the_ink_test_finds_the_planted_shortcut(ground_truth):
     assert confounded["flipped"] >= clean["flipped"]
 
 
+@pytest.mark.slow
 def test_randomising_the_network_destroys_grad_cam_but_not_a_model_blind_control(ground_truth):
     store, runs = ground_truth
     run = runs["clean"]
@@ -70,6 +72,7 @@ def test_randomising_the_network_destroys_grad_cam_but_not_a_model_blind_control
     assert all(step["spearman"] > 0.99 for step in edges["steps"])
 
 
+@pytest.mark.slow
 def test_deleting_what_grad_cam_points_at_lowers_the_score_faster_than_deleting_the_rest(ground_truth):
     # Petsiuk et al.'s logic as a test: the map's own order must beat its reverse on both curves.
     store, runs = ground_truth

@@ -120,6 +120,7 @@ def trained(tmp_path_factory):
     return store, run, data
 
 
+@pytest.mark.slow
 def test_a_run_explainer_hooks_the_layer_for_its_image_size(trained):
     from core.cams import explainer_for_run
     from core.stored_run import load_trained_model
@@ -135,6 +136,7 @@ def test_a_run_explainer_hooks_the_layer_for_its_image_size(trained):
     assert unsized.target_layer is spec.target_layer(unsized.model), "no size given: the last stage, as before"
 
 
+@pytest.mark.slow
 def test_a_trained_model_looks_at_the_lesion_more_than_a_random_map(trained):
     from core.stored_run import load_trained_model
 
@@ -155,6 +157,7 @@ def test_a_trained_model_looks_at_the_lesion_more_than_a_random_map(trained):
     assert np.mean(ours) > np.mean(random_maps) + 0.03
 
 
+@pytest.mark.slow
 def test_cli_explain_writes_the_figure(trained, tmp_path):
     store, run, data = trained
     Image.fromarray(data.images[0]).save(tmp_path / "lesion.png")
@@ -171,6 +174,7 @@ def test_cli_explain_writes_the_figure(trained, tmp_path):
     assert main(["explain", "--image", str(tmp_path / "bad.png"), "--runs-dir", str(store.root)]) == 2
 
 
+@pytest.mark.slow
 def test_explain_image_resizes_maps_back(trained):
     store, run, data = trained
     from core.stored_run import load_trained_model
@@ -185,6 +189,7 @@ def test_explain_image_resizes_maps_back(trained):
     assert correlation[0, 1] == pytest.approx(1.0) and iou[0, 1] == pytest.approx(1.0)
 
 
+@pytest.mark.slow
 def test_a_crafted_model_file_is_refused_not_executed(trained, tmp_path):
     from core.stored_run import load_trained_model
 
@@ -206,6 +211,7 @@ def explain_page(store, monkeypatch) -> AppTest:
     return app
 
 
+@pytest.mark.slow
 def test_explain_page_shows_the_row_and_measures(trained, monkeypatch):
     store, run, data = trained
     app = explain_page(store, monkeypatch)
@@ -229,6 +235,7 @@ def test_explain_page_shows_the_row_and_measures(trained, monkeypatch):
     (b"\x89PNG\r\n\x1a\n broken", "Cannot use"),
     (b"plain text", "Cannot use"),
 ])
+@pytest.mark.slow
 def test_explain_page_bad_uploads(trained, monkeypatch, content, message):
     store, _, _ = trained
     app = explain_page(store, monkeypatch)
@@ -252,6 +259,7 @@ def test_grayscale_and_rgba_uploads_decode(tmp_path):
         assert decode_image(io.BytesIO(buffer.getvalue()), 224).shape == (224, 224, 3)
 
 
+@pytest.mark.slow
 def test_explain_page_opens_what_compare_sent(trained, monkeypatch):
     from pages.common import EXPLAIN_REQUEST
 
@@ -283,6 +291,7 @@ def test_explain_page_without_runs(tmp_path, monkeypatch):
     assert not app.exception and "Train models first" in app.info[0].value
 
 
+@pytest.mark.slow
 def test_batch_measures_average_over_images(trained):
     from core.cams import batch_measures
     from core.stored_run import load_trained_model
@@ -378,6 +387,7 @@ def wait_until(app: AppTest, condition, timeout: float = 120) -> None:
         assert not app.exception, app.exception
 
 
+@pytest.mark.slow
 def test_explain_page_batch_view_and_slow_method_run_in_the_background(trained, monkeypatch):
     store, _, _ = trained
     app = explain_page(store, monkeypatch)

@@ -214,6 +214,7 @@ def test_cli_compare_writes_the_report(trained, tmp_path, capsys):
     assert main(["compare", "--runs-dir", str(trained.root), "--report", "/no/such/dir/x.html"]) == 2
 
 
+@pytest.mark.slow
 def test_compare_page_with_runs_and_threshold_modes(trained, monkeypatch):
     monkeypatch.setenv("SKIN_RUNS_DIR", str(trained.root))
     app = AppTest.from_file(APP, default_timeout=60).run()
@@ -230,6 +231,7 @@ def test_compare_page_with_runs_and_threshold_modes(trained, monkeypatch):
     assert app.get("download_button")
 
 
+@pytest.mark.slow
 def test_compare_page_states_its_runs_and_sends_disagreements_to_explain(trained, monkeypatch):
     from pages.common import EXPLAIN_REQUEST, FROM_COMPARE
 

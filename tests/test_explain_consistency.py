@@ -149,6 +149,7 @@ def shown_probabilities(app: AppTest) -> list[float]:
             if caption.value.startswith("P(malignant)")]
 
 
+@pytest.mark.slow
 def test_the_explain_page_shows_the_stored_prediction_of_every_run(fp32_runs, monkeypatch):
     """End to end: the tiles' captions on the page are the stored predictions (to their 3 decimals)."""
     store, runs = fp32_runs

@@ -1,6 +1,8 @@
 """External validation: `python -m core evaluate`, stored and reused predictions, the test-set choice in
 comparisons, and the shift between a run's own test part and another dataset."""
 
+import contextlib
+import io
 import json
 import os
 import shutil
@@ -24,12 +26,6 @@ TINY_FLAGS = ["--data", "synthetic", "--synthetic-count", "40", "--synthetic-ima
               "--batch-size", "8", "--no-pretrained", "--precision", "fp32", "--split", "70:30"]
 
 
-def train(runs_dir, model: str, size: int, capsys, *extra) -> str:
-    assert main(["train", "--model", model, *TINY_FLAGS, "--image-size", str(size), "--runs-dir", str(runs_dir),
-                 *extra]) == 0
-    return capsys.readouterr().out.split()[-1]
-
-
 def lesion_folder(root: Path, count: int = 8) -> Path:
     """An image-folder set (malignant/ benign/, JPEG and PNG, odd sizes): laid out unlike the training set."""
     rng = np.random.default_rng(5)
@@ -42,12 +38,26 @@ def lesion_folder(root: Path, count: int = 8) -> Path:
     return root
 
 
+@pytest.fixture(scope="module")
+def trained_pair(tmp_path_factory):
+    """A resnet18 at 32 px and a Hybrid S-ResNet at 48 px, trained by the CLI once for this module."""
+    runs_dir = tmp_path_factory.mktemp("external") / "runs"
+    run_ids = []
+    for model, size in (("resnet18", 32), ("hybrid_sresnet", 48)):
+        printed = io.StringIO()
+        with contextlib.redirect_stdout(printed), contextlib.redirect_stderr(io.StringIO()):
+            assert main(["train", "--model", model, *TINY_FLAGS, "--image-size", str(size),
+                         "--runs-dir", str(runs_dir)]) == 0
+        run_ids.append(printed.getvalue().split()[-1])
+    return runs_dir, *run_ids
+
+
 @pytest.fixture
-def two_runs(tmp_path, capsys):
-    runs_dir = tmp_path / "runs"
-    small = train(runs_dir, "resnet18", 32, capsys)
-    large = train(runs_dir, "hybrid_sresnet", 48, capsys)
-    return runs_dir, small, large
+def two_runs(trained_pair, tmp_path):
+    """This test's own copy of the pair: evaluations are stored with the runs."""
+    trained, small, large = trained_pair
+    shutil.copytree(trained, tmp_path / "runs")
+    return tmp_path / "runs", small, large
 
 
 def test_evaluate_stores_reuses_and_prints_compares_table(tmp_path, capsys, two_runs):
@@ -183,6 +193,7 @@ def test_train_on_isic_2017_then_evaluate_on_an_image_folder(tmp_path, capsys):
     shutil.rmtree(folder)
 
 
+@pytest.mark.slow
 def test_compare_page_evaluates_in_the_queue_then_shows_the_external_set_and_the_shift(tmp_path, capsys, two_runs,
                                                                                         monkeypatch):
     from streamlit.testing.v1 import AppTest

@@ -20,7 +20,10 @@ from core.training.precision import ExecutionPlan
 
 def trained_looking(name: str, seed: int = 0) -> nn.Module:
     """A registry model in eval mode whose BatchNorms hold statistics and affine weights far from a fresh
-    layer's, so that folding them changes every folded convolution's weights."""
+    layer's, so that folding them changes every folded convolution's weights. Seeded throughout: the weights
+    must not depend on which tests ran before in the same process (a test order once drew a resnet50 whose
+    saturated output made its HiResCAM map too ill-conditioned to compare)."""
+    torch.manual_seed(seed)
     model, _ = build_model(name, pretrained=False)
     generator = torch.Generator().manual_seed(seed)
     for module in model.modules():

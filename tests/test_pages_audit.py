@@ -65,6 +65,7 @@ def test_the_audit_page_without_runs_says_so(tmp_path, monkeypatch):
     assert not app.button
 
 
+@pytest.mark.slow
 def test_runs_without_an_audit_say_not_audited_and_a_bad_masks_folder_is_refused(store, tmp_path):
     store_runs = store.list_runs()
     app = open_page("audit")
@@ -77,6 +78,7 @@ def test_runs_without_an_audit_say_not_audited_and_a_bad_masks_folder_is_refused
     assert app.button(key="audit.start").disabled
 
 
+@pytest.mark.slow
 def test_stored_results_are_shown_at_once_without_recomputing(store, trained, monkeypatch):
     _, run = trained
     run_audit(store, [store.load(run["run_id"])], TINY_AUDIT)

@@ -19,6 +19,7 @@ from sklearn.metrics import roc_auc_score
 from streamlit.testing.v1 import AppTest
 
 import core.evaluation.ood
+import core.stored_run
 from core.config import DataSpec, TrainConfig
 from core.data.datasets import DatasetError, PreparedData, prepare_data
 from core.data.images import decode_images_cached
@@ -104,7 +105,7 @@ def test_the_detector_is_stored_reused_and_refitted_when_the_model_changes(train
     def unreachable(*args, **kwargs):
         raise DatasetError("dataset path not found: /moved/away")
 
-    monkeypatch.setattr(core.evaluation.ood, "prepare_data", unreachable)
+    monkeypatch.setattr(core.stored_run, "prepare_data", unreachable)  # how the OOD fit loads a run's data
     reused = ood_detector(run, copy)
     assert reused.threshold == pytest.approx(fitted.threshold)
     for stage, again in zip(fitted.stages, reused.stages, strict=True):
@@ -201,6 +202,7 @@ def open_page(page: str, **state) -> AppTest:
     return app
 
 
+@pytest.mark.slow
 def test_the_predict_page_predicts_a_folder_and_uploads(pages_store, trained, folder):
     _, run, _, _ = trained
     root, _ = folder
@@ -228,6 +230,7 @@ def test_the_predict_page_predicts_a_folder_and_uploads(pages_store, trained, fo
     assert len(prediction_table(app)) == 3
 
 
+@pytest.mark.slow
 def test_the_predict_page_queues_a_large_folder(pages_store, trained, tmp_path):
     _, run, _, data = trained
     root = tmp_path / "many"

@@ -341,6 +341,7 @@ def test_the_quiz_without_runs_says_what_it_waits_for(tmp_path, monkeypatch):
     assert not (tmp_path / "runs" / QUIZ_FILE).exists(), "nothing stored before there is a quiz"
 
 
+@pytest.mark.slow
 def test_a_student_answers_sees_the_reveal_and_the_running_score(runs_store):
     from pages.common import QUIZ_QUESTION, QUIZ_TOKEN
 
@@ -384,6 +385,7 @@ def _dataset(store) -> str:
     return runs[0]["dataset"]["fingerprint"]
 
 
+@pytest.mark.slow
 def test_the_teachers_set_reaches_a_new_student_and_a_viewer_cannot_change_it(runs_store, monkeypatch):
     import pages.common
     from pages.common import QUIZ_QUESTION
@@ -412,6 +414,7 @@ def test_the_teachers_set_reaches_a_new_student_and_a_viewer_cannot_change_it(ru
     assert "answered all 2 images" in student.success[0].value
 
 
+@pytest.mark.slow
 def test_the_quiz_on_a_dataset_without_masks_leaves_the_region_scores_out(image_folder, tmp_path, monkeypatch):
     from core.config import DataSpec
     from core.data.datasets import prepare_data

@@ -196,6 +196,7 @@ def test_tune_page_runs_a_tiny_study_and_trains_with_best(tmp_path, monkeypatch)
     assert not app.exception
 
 
+@pytest.mark.slow
 def test_ablation_page_runs_the_components_and_shows_results(tmp_path, monkeypatch):
     app, wait_for = page_session(tmp_path, monkeypatch, "ablation")
     app.button(key="ablation.start").click().run()
