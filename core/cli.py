@@ -14,11 +14,16 @@ import signal
 import sys
 import threading
 import time
+from typing import TYPE_CHECKING
 
 from core.config import FORMATS, MODEL_NAMES, PRECISIONS, PRESETS, PRUNERS, DataSpec, TrainConfig
 from core.data.synthetic import CONFOUNDER_KINDS
 from core.runs import RunStore, RunStoreError, default_runs_dir, is_ordinary_run, run_purpose
 from core.training.callbacks import BatchProgress, EpochRecord, TrainingCallback
+
+if TYPE_CHECKING:
+    from core.evaluation.external import ExternalSet
+    from core.training.distributed import DistributedContext
 
 # Every command imports what it works with when it runs: `--help`, `list` and `hash-password` load neither
 # torch nor grad-cam, and answer at once (tests/test_cli.py checks sys.modules).
@@ -359,7 +364,7 @@ def data_spec_from_args(args: argparse.Namespace) -> DataSpec:
     return DataSpec(**values)
 
 
-def command_train(args: argparse.Namespace, context) -> int:
+def command_train(args: argparse.Namespace, context: DistributedContext) -> int:
     from core.data.datasets import prepare_data
     from core.training.loop import run_training
 
@@ -393,7 +398,7 @@ def command_train(args: argparse.Namespace, context) -> int:
     return 0 if len(statuses) == len(configs) and all(s == "completed" for s in statuses) else EXIT_RUN_FAILED
 
 
-def command_resume(args: argparse.Namespace, context) -> int:
+def command_resume(args: argparse.Namespace, context: DistributedContext) -> int:
     from core.training.loop import resume_training
 
     store = RunStore(args.runs_dir)
@@ -542,7 +547,7 @@ def check_operating_point(args: argparse.Namespace) -> None:
             raise ValueError(f"{name} must be between 0 and 1, not {value}")
 
 
-def chosen_test_set(store: RunStore, runs: list[dict], wanted: str | None):
+def chosen_test_set(store: RunStore, runs: list[dict], wanted: str | None) -> ExternalSet | None:
     """The external set named by key or name that every run was evaluated on (None: their own test part)."""
     from core.evaluation.external import INTERNAL_TEST, common_external_sets
 

@@ -91,7 +91,7 @@ def outline_mask(image: np.ndarray, mask: np.ndarray, colour=MASK_OUTLINE_COLOUR
 def explanation_panels(explained, opacity: float = 0.5, colour_map: str = "jet",
                        shared_scale: bool = False, show_mask: bool = False) -> list[tuple[str, str, list[np.ndarray]]]:
     """(title, subtitle, [heatmap overlay, contour overlay]) per model."""
-    # Here, not at the top: comparing runs draws figures and needs neither torch nor grad-cam.
+    # Here, not at the top: the comparison's figures need neither grad-cam nor OpenCV.
     from core.cams import CAM_METHODS, contour_overlay, overlay, shared_scale_maximum
 
     scale = shared_scale_maximum(explained.results) if shared_scale else None

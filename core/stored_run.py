@@ -48,10 +48,9 @@ def recorded_data_spec(run: dict) -> DataSpec:
     return DataSpec.from_dict(spec)
 
 
-def load_run_data(run: dict, store: RunStore, config: TrainConfig | None = None) -> PreparedData:
+def load_run_data(run: dict, store: RunStore) -> PreparedData:
     """The run's dataset prepared as the run prepared it (its recorded spec, image size, split and subset)."""
-    config = config if config is not None else TrainConfig.from_dict(run["config"])
-    return prepare_data(recorded_data_spec(run), config, store.cache_dir)
+    return prepare_data(recorded_data_spec(run), TrainConfig.from_dict(run["config"]), store.cache_dir)
 
 
 def load_trained_model(run: dict, model_path: Path | str, device: str | torch.device = "cpu") -> nn.Module:
